@@ -1,0 +1,1 @@
+"""Benchmarks: engine throughput now; load generation, goodput search, simulator later."""

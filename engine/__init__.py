@@ -1,0 +1,1 @@
+"""One instance's execution: config, model families, paged KV cache, attention, sampler."""

@@ -1,0 +1,1 @@
+"""Routing, the latency model, admission, the gRPC frontend, the Ray controller, the CLI."""
