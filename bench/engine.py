@@ -1,0 +1,117 @@
+"""Engine benchmark: our engine vs transformers' generate on the same checkpoint.
+
+Run: ``python -m bench.engine [--presets small,medium] [--batch-sizes 1,8,32]``.
+Each (system, preset) runs in its own subprocess so peak memory is its own. Prints the
+ratios side by side; writes bench/results/engine.json and engine.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bench.engine_workers import RESULTS, model_dir
+
+SYSTEMS = ("pdserve", "transformers")
+
+
+def run_worker(system: str, preset: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.engine_workers",
+        "--system",
+        system,
+        "--preset",
+        preset,
+        "--arch",
+        args.arch,
+        "--batch-sizes",
+        args.batch_sizes,
+        "--prompt-len",
+        str(args.prompt_len),
+        "--output-len",
+        str(args.output_len),
+        "--threads",
+        str(args.threads),
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:5.2f}x" if b else "  n/a"
+
+
+def print_table(results: dict[str, dict[str, dict[str, Any]]], batch_sizes: list[int]) -> None:
+    for preset, by_sys in results.items():
+        ours, hf = by_sys["pdserve"], by_sys["transformers"]
+        print(f"\n== {preset}: {ours['params'] / 1e6:.1f}M params, {ours['dtype']} ==")
+        print(f"{'metric':<28}{'pdserve':>12}{'transformers':>14}{'ratio':>9}")
+        rows = (
+            [("prefill tok/s", "prefill_tok_s")]
+            + [(f"decode tok/s @ batch {b}", f"decode_tok_s_b{b}") for b in batch_sizes]
+            + [("peak RSS MiB", "peak_rss_mib")]
+        )
+        for label, key in rows:
+            print(f"{label:<28}{ours[key]:>12.1f}{hf[key]:>14.1f}{ratio(ours[key], hf[key]):>9}")
+        floor = ours["floor_step_ms"]
+        step = 1000.0 / ours["decode_tok_s_b1"]
+        print(
+            f"batch-1 decode step: {step:.2f} ms; memory-bandwidth floor {floor:.2f} ms "
+            f"({ours['bytes_per_step'] / 1e6:.1f} MB/step at {ours['copy_gb_s']:.1f} GB/s copy) "
+            f"-> {step / floor:.2f}x the floor"
+        )
+
+
+def plot(results: dict[str, dict[str, dict[str, Any]]], batch_sizes: list[int], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, (preset, by_sys) in zip(axes[0], results.items(), strict=True):
+        for system in SYSTEMS:
+            ys = [by_sys[system][f"decode_tok_s_b{b}"] for b in batch_sizes]
+            ax.plot(batch_sizes, ys, marker="o", label=system)
+        ax.set(title=f"{preset}: decode throughput", xlabel="batch size", ylabel="tokens/s")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--presets", default="small,medium")
+    p.add_argument("--arch", default="llama")
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    presets = args.presets.split(",")
+    for preset in presets:
+        model_dir(args.arch, preset)  # build checkpoints before timing anything
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    jobs = [(pr, s) for pr in presets for s in SYSTEMS]
+    for preset, system in tqdm(jobs, desc="bench engine"):
+        results.setdefault(preset, {})[system] = run_worker(system, preset, args)
+    print_table(results, batch_sizes)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "engine.json").write_text(json.dumps(results, indent=2))
+    plot(results, batch_sizes, RESULTS / "engine.png")
+    print(f"\nwrote {RESULTS / 'engine.json'} and {RESULTS / 'engine.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""One benchmark run of one system on one checkpoint, in its own process (see engine.py).
+
+Prints one JSON line: prefill tok/s, decode tok/s per batch size, peak RSS, and for
+pdserve the memory-bandwidth floor of a batch-1 decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path("bench/results")
+MODELS = Path("models")
+
+
+def model_dir(arch: str, preset: str) -> Path:
+    path = MODELS / f"bench-{arch}-{preset}"
+    if not (path / "config.json").is_file():
+        from engine.make_model import make_model
+
+        make_model(arch, preset, path, seed=0)
+    return path
+
+
+def workload(
+    batch: int, prompt_len: int, output_len: int, vocab: int
+) -> tuple[list[list[int]], list[int]]:
+    """Random prompts and mixed output lengths in [output_len/2, output_len]."""
+    rng = random.Random(batch)
+    prompts = [[rng.randrange(10, vocab) for _ in range(prompt_len)] for _ in range(batch)]
+    outs = [rng.randint(output_len // 2, output_len) for _ in range(batch)]
+    return prompts, outs
+
+
+def copy_bandwidth_gb_s(nbytes: int = 512 << 20) -> float:
+    """Read+write traffic of a large tensor copy, best of 5."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best / 1e9
+
+
+class Ours:
+    def __init__(self, path: Path, threads: int):
+        from decode.llm import LLM
+        from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+        self.llm = LLM(
+            EngineConfig(
+                model=str(path),
+                dtype="bfloat16",
+                num_threads=threads,
+                cache=CacheConfig(kv_cache_bytes=1 << 30, enable_prefix_caching=False),
+                scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192),
+            )
+        )
+        self.params = sum(p.numel() for p in self.llm.runner.model.parameters())
+
+    def run(self, prompts: list[list[int]], outs: list[int]) -> tuple[float, float]:
+        """(seconds until every first token, seconds of the decode phase after that)."""
+        from engine.sampling_params import SamplingParams
+
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in outs]
+        t0 = time.monotonic()
+        res = self.llm.generate(prompts, params)
+        prefill_end = max(r.first_token_time or t0 for r in res)
+        end = max(r.finish_time or t0 for r in res)
+        return prefill_end - t0, end - prefill_end
+
+
+class HF:
+    def __init__(self, path: Path, threads: int):
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def _gen(self, prompts: list[list[int]], n: int) -> None:
+        ids = torch.tensor(prompts)
+        with torch.no_grad():
+            self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
+
+    def run(self, prompts: list[list[int]], outs: list[int]) -> tuple[float, float]:
+        """Static batching runs every row to the longest output; prefill timed apart."""
+        t0 = time.perf_counter()
+        self._gen(prompts, 1)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._gen(prompts, max(outs))
+        return prefill, time.perf_counter() - t0 - prefill
+
+
+def measure(system: Any, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    warm_p, warm_o = workload(2, 16, 4, vocab)
+    system.run(warm_p, warm_o)
+    prompts, outs = workload(8, args.prompt_len * 2, 1, vocab)
+    prefill_s, _ = system.run(prompts, outs)
+    res["prefill_tok_s"] = sum(map(len, prompts)) / prefill_s
+    for b in [int(x) for x in args.batch_sizes.split(",")]:
+        prompts, outs = workload(b, args.prompt_len, args.output_len, vocab)
+        _, decode_s = system.run(prompts, outs)
+        # Useful tokens only: the first token of each request belongs to prefill.
+        res[f"decode_tok_s_b{b}"] = (sum(outs) - b) / decode_s
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--system", choices=("pdserve", "transformers"), required=True)
+    p.add_argument("--preset", required=True)
+    p.add_argument("--arch", default="llama")
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    path = model_dir(args.arch, args.preset)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    system: Any = Ours(path, args.threads) if args.system == "pdserve" else HF(path, args.threads)
+    res = measure(system, args, vocab)
+    res.update(params=system.params, dtype="bfloat16")
+    if args.system == "pdserve":
+        from engine.model_config import ModelConfig
+
+        cfg = ModelConfig.from_pretrained(path)
+        ctx = args.prompt_len + args.output_len // 2
+        res["bytes_per_step"] = system.params * 2 + ctx * cfg.kv_bytes_per_token(2)
+        res["copy_gb_s"] = copy_bandwidth_gb_s()
+        res["floor_step_ms"] = res["bytes_per_step"] / (res["copy_gb_s"] * 1e9) * 1e3
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

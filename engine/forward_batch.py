@@ -1,0 +1,32 @@
+"""The tensors one forward pass needs, built by the model runner for a scheduled step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """A step's flattened tokens: prefill rows first (ragged, ``num_prefill_tokens`` of
+    them over ``cu_seqlens_q``), then one row per decoding sequence.
+
+    ``slot_mapping[i]`` is the cache slot token i's K/V go to; ``logits_indices`` are the
+    rows whose next token is sampled.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_prefill_tokens: int
+    prefill_cu_seqlens_q: torch.Tensor
+    prefill_context_lens: torch.Tensor
+    prefill_block_tables: torch.Tensor
+    decode_context_lens: torch.Tensor
+    decode_block_tables: torch.Tensor
+    logits_indices: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])

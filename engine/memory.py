@@ -1,0 +1,43 @@
+"""Sizing the paged KV pool from a byte budget (no torch; shared with `plan memory`)."""
+
+from __future__ import annotations
+
+import os
+
+from engine.config import CacheConfig
+from engine.model_config import DTYPE_BYTES, ModelConfig
+
+
+def dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r} (known: {sorted(DTYPE_BYTES)})")
+    return DTYPE_BYTES[dtype]
+
+
+def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: str, tp: int = 1) -> int:
+    """Bytes of one KV block (K and V, every layer) on one TP rank."""
+    return cfg.kv_bytes_per_token(dtype_bytes(dtype), tp) * block_size
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def num_kv_blocks(
+    cfg: ModelConfig, cache: CacheConfig, dtype: str, device_free_bytes: int, tp: int = 1
+) -> int:
+    """How many blocks the pool gets: ``num_blocks`` if fixed, else ``kv_cache_bytes``,
+    else ``memory_fraction`` of ``device_free_bytes`` (memory left after weights)."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    budget = cache.kv_cache_bytes
+    if budget is None:
+        budget = int(device_free_bytes * cache.memory_fraction)
+    block = kv_block_bytes(cfg, cache.block_size, dtype, tp)
+    blocks = budget // block
+    if blocks < 1:
+        raise ValueError(
+            f"KV cache budget of {budget} bytes holds no block of {block} bytes; "
+            "raise kv_cache_bytes or memory_fraction"
+        )
+    return blocks

@@ -1,0 +1,203 @@
+"""The decoder-only transformer shared by every supported family.
+
+Families differ only in switches read from ``ModelConfig`` (qkv bias, q/k RMSNorm, MoE
+layers, tied embeddings); their checkpoint names are mapped in ``engine/families.py``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from engine.forward_batch import ForwardBatch
+from engine.layers import RMSNorm, RotaryEmbedding
+from engine.model_config import ModelConfig
+from engine.moe import SparseMoeBlock
+from engine.parallel import (
+    ColumnParallelLinear,
+    ParallelContext,
+    Part,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    head_part,
+)
+
+if TYPE_CHECKING:
+    from engine.attention import AttentionBackend
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    """GQA self-attention over the paged KV cache; heads split over TP ranks."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        pc: ParallelContext,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+    ):
+        super().__init__()
+        d = cfg.head_dim
+        q_part = head_part(cfg.num_heads, d, pc)
+        kv_part = head_part(cfg.num_kv_heads, d, pc)
+        self.num_heads = q_part.local_rows // d
+        self.num_kv_heads = kv_part.local_rows // d
+        self.head_dim = d
+        self.scale = d**-0.5
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size, [q_part, kv_part, kv_part], cfg.attention_bias, dtype
+        )
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, False, dtype, pc)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.rotary = rotary
+        self.backend = backend
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch, kv: KVCache
+    ) -> torch.Tensor:
+        n, d = x.shape[0], self.head_dim
+        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(n, self.num_heads, d)
+        k = k.reshape(n, self.num_kv_heads, d)
+        v = v.reshape(n, self.num_kv_heads, d)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm.norm(q), self.k_norm.norm(k)
+        q, k = self.rotary(positions, q, k)
+        k_cache, v_cache = kv
+        self.backend.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        p = batch.num_prefill_tokens
+        if p == n:
+            out = self._prefill(q, batch, kv)
+        elif p == 0:
+            out = self._decode(q, batch, kv)
+        else:
+            out = torch.cat((self._prefill(q[:p], batch, kv), self._decode(q[p:], batch, kv)))
+        return self.o_proj(out.reshape(n, q_size))
+
+    def _prefill(self, q: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        return self.backend.prefill_attention(
+            q,
+            kv[0],
+            kv[1],
+            batch.prefill_cu_seqlens_q,
+            batch.prefill_context_lens,
+            batch.prefill_block_tables,
+            self.scale,
+        )
+
+    def _decode(self, q: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        return self.backend.decode_attention(
+            q, kv[0], kv[1], batch.decode_context_lens, batch.decode_block_tables, self.scale
+        )
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP: fused column-parallel gate/up, row-parallel down."""
+
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, pc: ParallelContext):
+        super().__init__()
+        part = Part(inter, pc.tp_size, pc.tp_rank)
+        self.local_inter = part.local_rows
+        self.gate_up_proj = ColumnParallelLinear(hidden, [part, part], False, dtype)
+        self.down_proj = RowParallelLinear(inter, hidden, False, dtype, pc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up_proj(x)
+        i = self.local_inter
+        return self.down_proj(nn.functional.silu(h[:, :i]) * h[:, i:])
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        dtype: torch.dtype,
+        pc: ParallelContext,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+    ):
+        super().__init__()
+        self.self_attn = Attention(cfg, dtype, pc, rotary, backend)
+        self.mlp: nn.Module = (
+            SparseMoeBlock(cfg, dtype, pc)
+            if cfg.is_moe_layer(layer)
+            else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, pc)
+        )
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        kv: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, batch, kv)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, decoder layers and final norm; names mirror Hugging Face's ``model.``."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        pc: ParallelContext,
+        backend: AttentionBackend,
+        max_positions: int,
+    ):
+        super().__init__()
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, pc)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, dtype, pc, rotary, backend) for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)
+        residual: torch.Tensor | None = None
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            x, residual = layer(batch.positions, x, residual, batch, kv)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class CausalLM(nn.Module):
+    """The model plus its LM head (shared with the embedding when tied)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        pc: ParallelContext,
+        backend: AttentionBackend,
+        max_positions: int,
+    ):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, dtype, pc, backend, max_positions)
+        self.lm_head = (
+            self.model.embed_tokens
+            if cfg.tie_word_embeddings
+            else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, pc)
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+        """Logits (fp32, [len(logits_indices), vocab]) for the rows to sample."""
+        hidden = self.model(batch, kv_caches)
+        return self.lm_head.logits(hidden[batch.logits_indices])

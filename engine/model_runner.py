@@ -1,0 +1,166 @@
+"""Runs the model for one scheduled step: builds the batch tensors, forwards, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import get_attention_backend
+from engine.config import EngineConfig
+from engine.forward_batch import ForwardBatch
+from engine.loader import load_weights
+from engine.memory import host_memory_bytes, num_kv_blocks
+from engine.model import CausalLM, KVCache
+from engine.model_config import ModelConfig
+from engine.parallel import ParallelContext, head_part
+from engine.sampler import Sampler, SamplerOutput, make_generator
+from engine.sampling_params import SamplingParams
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SeqStep:
+    """One sequence's share of a step: the tokens to compute from ``start_pos`` on, its
+    block table, and whether to sample its next token."""
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What the runner found out at start-up (never written back into the config)."""
+
+    dtype: str
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+
+
+def resolve_dtype(requested: str, checkpoint_dtype: str, device: str) -> str:
+    dtype = checkpoint_dtype if requested == "auto" else requested
+    if dtype not in TORCH_DTYPES:
+        dtype = "float32"
+    # CPUs here have no fp16 arithmetic (~1 GFLOP/s): "auto" computes fp16 weights in bf16.
+    if requested == "auto" and dtype == "float16" and device == "cpu":
+        dtype = "bfloat16"
+    return dtype
+
+
+class ModelRunner:
+    """Owns one rank's model, KV cache and sampler."""
+
+    def __init__(
+        self, config: EngineConfig, model_cfg: ModelConfig, pc: ParallelContext | None = None
+    ):
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.pc = pc or ParallelContext()
+        self.device = torch.device(config.device)
+        dtype = resolve_dtype(config.dtype, model_cfg.torch_dtype, self.device.type)
+        max_len = min(
+            config.max_model_len or model_cfg.max_position_embeddings,
+            model_cfg.max_position_embeddings,
+        )
+        backend = get_attention_backend(config.attention_backend, self.device)
+        torch_dtype = TORCH_DTYPES[dtype]
+        with torch.device(self.device):
+            self.model = CausalLM(model_cfg, torch_dtype, self.pc, backend, max_len)
+        load_weights(self.model, model_cfg.model_type, config.model)
+        self.model.eval()
+        block_size = config.cache.block_size
+        num_blocks = num_kv_blocks(
+            model_cfg, config.cache, dtype, self._free_memory(), self.pc.tp_size
+        )
+        self.kv_caches = self._allocate_kv(model_cfg, num_blocks, block_size, torch_dtype)
+        self.info = RuntimeInfo(dtype, num_blocks, block_size, max_len)
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator | None] = {}
+
+    def _free_memory(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.mem_get_info(self.device)[0])
+        return host_memory_bytes()
+
+    def _allocate_kv(
+        self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype
+    ) -> list[KVCache]:
+        heads = head_part(cfg.num_kv_heads, cfg.head_dim, self.pc).local_rows // cfg.head_dim
+        shape = (num_blocks, block_size, heads, cfg.head_dim)
+        return [
+            (
+                torch.zeros(shape, dtype=dtype, device=self.device),
+                torch.zeros(shape, dtype=dtype, device=self.device),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+
+    def execute(self, steps: list[SeqStep]) -> SamplerOutput:
+        """Forwards one step (prefill entries first, then single-token decodes) and
+        samples the next token of every entry with ``sample`` set, in order."""
+        batch = self.build_batch(steps)
+        logits = self.model(batch, self.kv_caches)
+        sampled = [s for s in steps if s.sample]
+        gens = [self._generator(s) for s in sampled]
+        return self.sampler(logits, [s.params for s in sampled], gens)
+
+    def _generator(self, step: SeqStep) -> torch.Generator | None:
+        if step.request_id not in self.generators:
+            self.generators[step.request_id] = make_generator(step.params.seed, self.device)
+        return self.generators[step.request_id]
+
+    def free(self, request_ids: list[str]) -> None:
+        """Forgets per-request state (sampling generators) of finished requests."""
+        for rid in request_ids:
+            self.generators.pop(rid, None)
+
+    def build_batch(self, steps: list[SeqStep]) -> ForwardBatch:
+        bs = self.info.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        logits_idx: list[int] = []
+        prefill = [s for s in steps if len(s.token_ids) > 1]
+        decode = [s for s in steps if len(s.token_ids) == 1]
+        if steps != prefill + decode:
+            raise ValueError("steps must list prefill entries before single-token decodes")
+        cu = [0]
+        for s in steps:
+            n = len(s.token_ids)
+            ids.extend(s.token_ids)
+            positions = range(s.start_pos, s.start_pos + n)
+            pos.extend(positions)
+            table = s.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in positions)
+            if s.sample:
+                logits_idx.append(len(ids) - 1)
+            if n > 1:
+                cu.append(cu[-1] + n)
+
+        def tensor(x: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype, device=self.device)
+
+        return ForwardBatch(
+            input_ids=tensor(ids, torch.int64),
+            positions=tensor(pos, torch.int64),
+            slot_mapping=tensor(slots, torch.int64),
+            num_prefill_tokens=cu[-1],
+            prefill_cu_seqlens_q=tensor(cu),
+            prefill_context_lens=tensor([s.start_pos + len(s.token_ids) for s in prefill]),
+            prefill_block_tables=self._tables(prefill),
+            decode_context_lens=tensor([s.start_pos + 1 for s in decode]),
+            decode_block_tables=self._tables(decode),
+            logits_indices=tensor(logits_idx, torch.int64),
+        )
+
+    def _tables(self, steps: list[SeqStep]) -> torch.Tensor:
+        width = max((len(s.block_table) for s in steps), default=0)
+        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in steps]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device).reshape(len(steps), width)
