@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="auto", help="both systems use it (auto: our choice)")
     args = p.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     presets = args.presets.split(",")

@@ -36,7 +36,7 @@ def workload(
     """Random prompts and mixed output lengths in [output_len/2, output_len]."""
     rng = random.Random(batch)
     prompts = [[rng.randrange(10, vocab) for _ in range(prompt_len)] for _ in range(batch)]
-    outs = [rng.randint(output_len // 2, output_len) for _ in range(batch)]
+    outs = [rng.randint(max(1, output_len // 2), output_len) for _ in range(batch)]
     return prompts, outs
 
 
@@ -81,11 +81,12 @@ class Ours:
 
 
 class HF:
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, dtype: str):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        self.model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        self.model.eval()
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def _gen(self, prompts: list[list[int]], n: int) -> None:
@@ -134,18 +135,26 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="auto")
     args = p.parse_args()
     path = model_dir(args.arch, args.preset)
-    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    system: Any = Ours(path, args.threads) if args.system == "pdserve" else HF(path, args.threads)
+    config = json.loads((path / "config.json").read_text())
+    vocab = config["vocab_size"]
+    from engine.model_runner import resolve_dtype
+
+    torch.set_num_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, config.get("torch_dtype", "float32"), "cpu")
+    kind: Any = Ours if args.system == "pdserve" else HF
+    system: Any = kind(path, args.threads, dtype)
     res = measure(system, args, vocab)
-    res.update(params=system.params, dtype="bfloat16")
+    res.update(params=system.params, dtype=dtype)
     if args.system == "pdserve":
         from engine.model_config import ModelConfig
 
         cfg = ModelConfig.from_pretrained(path)
         ctx = args.prompt_len + args.output_len // 2
-        res["bytes_per_step"] = system.params * 2 + ctx * cfg.kv_bytes_per_token(2)
+        width = 4 if dtype == "float32" else 2
+        res["bytes_per_step"] = system.params * width + ctx * cfg.kv_bytes_per_token(width)
         res["copy_gb_s"] = copy_bandwidth_gb_s()
         res["floor_step_ms"] = res["bytes_per_step"] / (res["copy_gb_s"] * 1e9) * 1e3
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

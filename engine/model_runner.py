@@ -8,6 +8,7 @@ import torch
 
 from engine.attention import get_attention_backend
 from engine.config import EngineConfig
+from engine.cpu import configure_cpu_runtime, cpu_half_is_fast
 from engine.forward_batch import ForwardBatch
 from engine.loader import load_weights
 from engine.memory import host_memory_bytes, num_kv_blocks
@@ -44,12 +45,13 @@ class RuntimeInfo:
 
 
 def resolve_dtype(requested: str, checkpoint_dtype: str, device: str) -> str:
-    dtype = checkpoint_dtype if requested == "auto" else requested
-    if dtype not in TORCH_DTYPES:
-        dtype = "float32"
-    # CPUs here have no fp16 arithmetic (~1 GFLOP/s): "auto" computes fp16 weights in bf16.
-    if requested == "auto" and dtype == "float16" and device == "cpu":
-        dtype = "bfloat16"
+    """The compute dtype: as requested, or for "auto" the checkpoint's, except that on a
+    CPU without fast half-precision matmuls half-precision checkpoints compute in fp32."""
+    if requested != "auto":
+        return requested
+    dtype = checkpoint_dtype if checkpoint_dtype in TORCH_DTYPES else "float32"
+    if device == "cpu" and dtype != "float32":
+        return "bfloat16" if cpu_half_is_fast() else "float32"
     return dtype
 
 
@@ -64,6 +66,8 @@ class ModelRunner:
         self.config = config
         self.pc = pc or ParallelContext()
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            configure_cpu_runtime()
         dtype = resolve_dtype(config.dtype, model_cfg.torch_dtype, self.device.type)
         max_len = min(
             config.max_model_len or model_cfg.max_position_embeddings,
