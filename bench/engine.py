@@ -40,8 +40,14 @@ def run_worker(system: str, preset: str, args: argparse.Namespace) -> dict[str, 
         str(args.output_len),
         "--threads",
         str(args.threads),
+        "--dtype",
+        args.dtype,
+        "--output-dist",
+        args.output_dist,
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{system} on {preset} failed:\n{out.stderr[-3000:]}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -97,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="auto", help="both systems use it (auto: our choice)")
+    p.add_argument(
+        "--output-dist",
+        default="uniform",
+        choices=("uniform", "azure-conv"),
+        help="output lengths: uniform in [L/2, L], or the Azure conversation trace's mix",
+    )
     args = p.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     presets = args.presets.split(",")
@@ -108,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault(preset, {})[system] = run_worker(system, preset, args)
     print_table(results, batch_sizes)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "engine.json").write_text(json.dumps(results, indent=2))
-    plot(results, batch_sizes, RESULTS / "engine.png")
-    print(f"\nwrote {RESULTS / 'engine.json'} and {RESULTS / 'engine.png'}")
+    stem = f"engine-{args.output_dist}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    plot(results, batch_sizes, RESULTS / f"{stem}.png")
+    print(f"\nwrote {RESULTS / stem}.json and .png")
     return 0
 
 

@@ -7,6 +7,7 @@ pdserve the memory-bandwidth floor of a batch-1 decode step.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import random
 import resource
@@ -30,14 +31,35 @@ def model_dir(arch: str, preset: str) -> Path:
     return path
 
 
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+AZURE_CONV = "AzureLLMInferenceTrace_conv.csv"  # Azure LLM inference trace 2023, CC-BY 4.0
+AZURE_CONV_P99_OUTPUT = 601
+
+
+def output_lengths(batch: int, output_len: int, dist: str, rng: random.Random) -> list[int]:
+    """Mixed output lengths: ``uniform`` in [output_len/2, output_len], or ``azure-conv``
+    drawn from the Azure conversation trace (Patel et al., Splitwise, ISCA 2024; CC-BY
+    4.0) scaled so its p99 (601 tokens) maps to ``output_len``."""
+    if dist == "uniform":
+        return [rng.randint(max(1, output_len // 2), output_len) for _ in range(batch)]
+    if dist != "azure-conv":
+        raise ValueError(f"unknown output distribution {dist!r} (uniform, azure-conv)")
+    path = TRACES / AZURE_CONV
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the traces live in ../shared/traces")
+    with path.open() as f:
+        lengths = [int(row["GeneratedTokens"]) for row in csv.DictReader(f)]
+    scale = output_len / AZURE_CONV_P99_OUTPUT
+    return [min(output_len, max(1, round(rng.choice(lengths) * scale))) for _ in range(batch)]
+
+
 def workload(
-    batch: int, prompt_len: int, output_len: int, vocab: int
+    batch: int, prompt_len: int, output_len: int, vocab: int, dist: str = "uniform"
 ) -> tuple[list[list[int]], list[int]]:
-    """Random prompts and mixed output lengths in [output_len/2, output_len]."""
+    """Random prompts of ``prompt_len`` tokens and mixed output lengths."""
     rng = random.Random(batch)
     prompts = [[rng.randrange(10, vocab) for _ in range(prompt_len)] for _ in range(batch)]
-    outs = [rng.randint(max(1, output_len // 2), output_len) for _ in range(batch)]
-    return prompts, outs
+    return prompts, output_lengths(batch, output_len, dist, rng)
 
 
 def copy_bandwidth_gb_s(nbytes: int = 512 << 20) -> float:
@@ -53,16 +75,16 @@ def copy_bandwidth_gb_s(nbytes: int = 512 << 20) -> float:
 
 
 class Ours:
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, dtype: str):
         from decode.llm import LLM
         from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
         self.llm = LLM(
             EngineConfig(
                 model=str(path),
-                dtype="bfloat16",
+                dtype=dtype,
                 num_threads=threads,
-                cache=CacheConfig(kv_cache_bytes=1 << 30, enable_prefix_caching=False),
+                cache=CacheConfig(kv_cache_bytes=512 << 20, enable_prefix_caching=False),
                 scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192),
             )
         )
@@ -119,7 +141,7 @@ def measure(system: Any, args: argparse.Namespace, vocab: int) -> dict[str, Any]
     prefill_s, _ = system.run(prompts, outs)
     res["prefill_tok_s"] = sum(map(len, prompts)) / prefill_s
     for b in [int(x) for x in args.batch_sizes.split(",")]:
-        prompts, outs = workload(b, args.prompt_len, args.output_len, vocab)
+        prompts, outs = workload(b, args.prompt_len, args.output_len, vocab, args.output_dist)
         _, decode_s = system.run(prompts, outs)
         # Useful tokens only: the first token of each request belongs to prefill.
         res[f"decode_tok_s_b{b}"] = (sum(outs) - b) / decode_s
@@ -136,6 +158,7 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--output-dist", default="uniform", choices=("uniform", "azure-conv"))
     args = p.parse_args()
     path = model_dir(args.arch, args.preset)
     config = json.loads((path / "config.json").read_text())
