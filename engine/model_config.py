@@ -58,11 +58,6 @@ class ModelConfig:
             and (layer + 1) % self.decoder_sparse_step == 0
         )
 
-    def kv_bytes_per_token(self, dtype_bytes: int, tp: int = 1) -> int:
-        """K and V bytes one token takes on one TP rank (KV heads replicate past tp > kv)."""
-        kv_heads_per_rank = max(1, self.num_kv_heads // tp)
-        return 2 * self.num_layers * kv_heads_per_rank * self.head_dim * dtype_bytes
-
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"

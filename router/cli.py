@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from router import cli_engine
+from router import cli_engine, cli_plan
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_engine.add_make_model(sub)
     cli_engine.add_generate(sub)
     cli_engine.add_serve(sub)
+    cli_plan.add_plan(sub)
     return parser
 
 
