@@ -172,12 +172,13 @@ def main() -> int:
     res = measure(system, args, vocab)
     res.update(params=system.params, dtype=dtype)
     if args.system == "pdserve":
+        from engine.layout import kv_bytes_per_token
         from engine.model_config import ModelConfig
 
         cfg = ModelConfig.from_pretrained(path)
         ctx = args.prompt_len + args.output_len // 2
         width = 4 if dtype == "float32" else 2
-        res["bytes_per_step"] = system.params * width + ctx * cfg.kv_bytes_per_token(width)
+        res["bytes_per_step"] = system.params * width + ctx * kv_bytes_per_token(cfg, dtype, 1)
         res["copy_gb_s"] = copy_bandwidth_gb_s()
         res["floor_step_ms"] = res["bytes_per_step"] / (res["copy_gb_s"] * 1e9) * 1e3
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

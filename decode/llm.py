@@ -18,6 +18,7 @@ from tqdm import tqdm
 from decode.scheduler import ScheduledBatch, Scheduler
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.executor import Executor, SupportsShutdown, make_executor
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, SeqStep
 from engine.sampling_params import SamplingParams
@@ -55,16 +56,22 @@ class _Request:
 
 class LLM:
     """One instance in one process. ``generate`` serves many prompts at once;
-    ``add_request`` / ``step`` / ``abort`` drive it incrementally."""
+    ``add_request`` / ``step`` / ``abort`` drive it incrementally.
 
-    def __init__(self, config: EngineConfig):
+    ``executor`` runs the steps; by default this process's ModelRunner for tp = 1 and
+    Ray workers (``RayExecutor``) for ``config.parallel.tp`` > 1. ``shutdown()`` frees it.
+    """
+
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model)
         # A checkpoint without tokenizer.json still serves token-id prompts.
         has_tokenizer = (Path(config.model) / "tokenizer.json").is_file()
         self.tokenizer = Tokenizer.from_pretrained(config.model) if has_tokenizer else None
-        self.runner = ModelRunner(config, self.model_config)
-        info = self.runner.info
+        self.executor = (
+            executor if executor is not None else make_executor(config, self.model_config)
+        )
+        info = self.executor.info
         # A sequence can never hold more blocks than the pool has: stop it there (LENGTH).
         self.max_model_len = min(info.max_model_len, info.num_blocks * info.block_size)
         tok_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
@@ -75,6 +82,18 @@ class LLM:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The in-process model runner (tp = 1); TypeError when ranks run elsewhere."""
+        if not isinstance(self.executor, ModelRunner):
+            raise TypeError(f"this LLM runs on {type(self.executor).__name__}, not in-process")
+        return self.executor
+
+    def shutdown(self) -> None:
+        """Releases the executor's workers (a no-op for the in-process runner)."""
+        if isinstance(self.executor, SupportsShutdown):
+            self.executor.shutdown()
 
     @classmethod
     def from_pretrained(cls, model: str, **kwargs: object) -> LLM:
@@ -135,7 +154,7 @@ class LLM:
             return False
         if not req.seq.is_finished:
             self.scheduler.abort(request_id)
-        self.runner.free([request_id])
+        self.executor.free([request_id])
         return True
 
     def has_unfinished(self) -> bool:
@@ -151,7 +170,7 @@ class LLM:
             return []
         steps = self._to_steps(batch)
         sampled = [seq for seq, s in zip(batch.seqs, steps, strict=True) if s.sample]
-        out = self.runner.execute(steps)
+        out = self.executor.execute(steps)
         self.scheduler.on_step_done(batch)
         now = time.monotonic()
         results = []
@@ -196,7 +215,7 @@ class LLM:
             if req.detok is not None:
                 req.detok.flush()
             self.requests.pop(seq.request_id)
-            self.runner.free([seq.request_id])
+            self.executor.free([seq.request_id])
         return self._output(req)
 
     def _output(self, req: _Request) -> RequestOutput:

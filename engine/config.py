@@ -7,6 +7,10 @@ Values found at run time (number of KV blocks, eos ids) live in ``RuntimeInfo``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.model_config import ModelConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
@@ -61,6 +65,35 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """An instance's layout: ``tp`` tensor-parallel ranks (Megatron style). ``pp`` and
+    ``ep`` are reserved for pipeline and expert parallelism and must stay 1 for now."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "ep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pp > 1:
+            raise ValueError(f"pipeline parallelism is not implemented yet (pp={self.pp})")
+        if self.ep > 1:
+            raise ValueError(f"expert parallelism is not implemented yet (ep={self.ep})")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Raises ValueError when this layout cannot split ``cfg``, saying which would."""
+        from engine.layout import validate_layout
+
+        validate_layout(cfg, self.tp, self.pp)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything one instance needs to run a model."""
 
@@ -73,6 +106,7 @@ class EngineConfig:
     max_model_len: int | None = None
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

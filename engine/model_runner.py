@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -92,6 +92,17 @@ class ModelRunner:
         if self.device.type == "cuda":
             return int(torch.cuda.mem_get_info(self.device)[0])
         return host_memory_bytes()
+
+    def resize_kv(self, num_blocks: int) -> RuntimeInfo:
+        """Reallocates the KV pool with ``num_blocks`` blocks (contents are dropped): the
+        ranks of an instance agree on one count after each sized its own."""
+        self.kv_caches = []  # free the old pool before allocating the new one
+        dtype = TORCH_DTYPES[self.info.dtype]
+        self.kv_caches = self._allocate_kv(
+            self.model.config, num_blocks, self.info.block_size, dtype
+        )
+        self.info = replace(self.info, num_blocks=num_blocks)
+        return self.info
 
     def _allocate_kv(
         self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype

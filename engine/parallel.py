@@ -33,7 +33,9 @@ class ParallelContext:
     tp_rank: int = 0
     tp_size: int = 1
     group: Any = None
+    # Counted so tests and benchmarks can check the collectives per step.
     num_all_reduces: int = field(default=0)
+    num_all_gathers: int = field(default=0)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -45,6 +47,7 @@ class ParallelContext:
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return x
+        self.num_all_gathers += 1
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)

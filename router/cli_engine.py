@@ -6,7 +6,10 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from decode.llm import LLM
 
 DEFAULT_MODEL_DIR = Path(os.environ.get("PDSERVE_HOME", "models")) / "llama-small"
 
@@ -41,7 +44,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (per worker)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (Ray workers)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (not implemented yet)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (not implemented yet)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to run the workers on (default: start a local one when --tp > 1)",
+    )
 
 
 def add_generate(sub: Subparsers) -> None:
@@ -62,7 +73,7 @@ def add_generate(sub: Subparsers) -> None:
 
 
 def engine_config(args: argparse.Namespace, model: str) -> Any:
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 
     return EngineConfig(
         model=model,
@@ -79,7 +90,26 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
             max_num_batched_tokens=args.max_num_batched_tokens,
             chunked_prefill=not args.no_chunked_prefill,
         ),
+        parallel=ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep),
     )
+
+
+def make_llm(args: argparse.Namespace, model: str) -> LLM:
+    """The engine for ``args``: in this process, or on Ray workers when the layout has
+    several ranks or ``--address`` names a cluster."""
+    from decode.llm import LLM
+
+    config = engine_config(args, model)
+    if config.parallel.tp == 1 and args.address is None:
+        return LLM(config)
+    from engine.executor import RayExecutor
+
+    executor = RayExecutor(config, address=args.address)
+    try:
+        return LLM(config, executor)
+    except BaseException:
+        executor.shutdown()
+        raise
 
 
 def parse_token_ids(text: str) -> list[int]:
@@ -92,7 +122,6 @@ def parse_token_ids(text: str) -> list[int]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from decode.llm import LLM
     from engine.sampling_params import SamplingParams
 
     params = SamplingParams(
@@ -103,11 +132,14 @@ def _generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         ignore_eos=args.ignore_eos,
     )
-    llm = LLM(engine_config(args, args.model))
     prompt: str | list[int] = (
         args.prompt if args.prompt is not None else parse_token_ids(args.prompt_token_ids)
     )
-    out = llm.generate([prompt], params)[0]
+    llm = make_llm(args, args.model)
+    try:
+        out = llm.generate([prompt], params)[0]
+    finally:
+        llm.shutdown()
     if args.json:
         print(
             json.dumps(
@@ -142,15 +174,17 @@ def ensure_builtin_model(path: Path = DEFAULT_MODEL_DIR) -> Path:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from decode.llm import LLM
     from engine.sampling_params import SamplingParams
 
     model = args.model or str(ensure_builtin_model())
-    llm = LLM(engine_config(args, model))
-    info = llm.runner.info
+    llm = make_llm(args, model)
+    info = llm.executor.info
     print(f"model {model}: dtype {info.dtype}, {info.num_blocks} KV blocks of {info.block_size}")
     prompts = [args.prompt, "Once upon a time", "In a distant galaxy"]
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+    finally:
+        llm.shutdown()
     for prompt, out in zip(prompts, outs, strict=True):
         print(f"{prompt!r} -> {out.text!r} ({len(out.token_ids)} tokens, {out.finish_reason})")
     return 0

@@ -1,0 +1,235 @@
+"""Where an instance's ranks run: ``ModelRunner`` in this process (tp = 1) or
+``RayExecutor``, one ``Worker`` actor per rank in a Ray placement group.
+
+Both satisfy ``Executor``, the interface ``decode.llm.LLM`` drives. Ray is imported only
+when a ``RayExecutor`` is made, so the single-process path never pays for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from engine.config import EngineConfig, ParallelConfig
+from engine.model_config import ModelConfig
+from engine.model_runner import ModelRunner, RuntimeInfo, SeqStep
+from engine.sampler import SamplerOutput
+from engine.worker import Worker
+
+PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+# Ray's unix sockets live under the temp dir: sun_path holds ~107 bytes and Ray appends
+# ~60 (session_<timestamp>_<pid>/sockets/plasma_store), so the dir must stay short.
+_MAX_RAY_TEMP_DIR_LEN = 45
+
+
+class Executor(Protocol):
+    """What runs an instance's steps: one rank in this process or several elsewhere."""
+
+    @property
+    def info(self) -> RuntimeInfo: ...
+
+    def execute(self, steps: list[SeqStep]) -> SamplerOutput: ...
+
+    def free(self, request_ids: list[str]) -> None: ...
+
+
+@runtime_checkable
+class SupportsShutdown(Protocol):
+    def shutdown(self) -> None: ...
+
+
+def make_executor(config: EngineConfig, model_cfg: ModelConfig) -> Executor:
+    """This process's ModelRunner for tp = 1, else Ray workers for the layout."""
+    if config.parallel.tp == 1:
+        return ModelRunner(config, model_cfg)
+    return RayExecutor(config)
+
+
+def _ray_temp_dir() -> str:
+    """``run/ray`` under the working directory, or a short /tmp dir when that path is
+    too long for Ray's unix sockets."""
+    path = (Path(os.environ.get("PDSERVE_RUN_DIR", "run")) / "ray").resolve()
+    if len(str(path)) > _MAX_RAY_TEMP_DIR_LEN:
+        return tempfile.mkdtemp(prefix="pdray-")
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def connect_ray(address: str | None) -> bool:
+    """Reuses an initialized Ray, else connects to ``address``, else starts a local
+    cluster (no dashboard). Returns whether this call connected (and so should
+    disconnect at the end)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is not None:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False, _temp_dir=_ray_temp_dir())
+    return True
+
+
+class RayExecutor:
+    """An instance of ``tp`` ranks, one Ray actor each, placed by one placement group.
+
+    Every call that waits on the actors has a timeout and raises ``TimeoutError``
+    naming the call; after a step timeout the instance is unusable (ranks may be stuck
+    in a collective): shut it down. Use ``shutdown()`` (or ``with``) to free the
+    actors, the placement group and, if this executor started it, Ray.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        tp: int | None = None,
+        address: str | None = None,
+        placement_strategy: str = "STRICT_PACK",
+        num_cpus_per_worker: float | None = None,
+        start_timeout_s: float = 120.0,
+        load_timeout_s: float = 600.0,
+        step_timeout_s: float = 120.0,
+    ):
+        parallel = ParallelConfig(tp=config.parallel.tp if tp is None else tp)
+        if placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(
+                f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, "
+                f"got {placement_strategy!r}"
+            )
+        if num_cpus_per_worker is not None and num_cpus_per_worker <= 0:
+            raise ValueError(f"num_cpus_per_worker must be > 0, got {num_cpus_per_worker}")
+        # Refuse a layout the model cannot take before any actor starts.
+        parallel.check_model(ModelConfig.from_pretrained(config.model))
+        self.config = replace(config, parallel=parallel)
+        self.tp = parallel.tp
+        self.step_timeout_s = step_timeout_s
+        self.workers: list[Any] = []
+        self.placement_group: Any = None
+        self._owns_ray = connect_ray(address)
+        try:
+            self._start(placement_strategy, num_cpus_per_worker, start_timeout_s)
+            infos = self._get([w.load_model.remote() for w in self.workers], load_timeout_s, "load")
+        except BaseException:
+            self.shutdown()
+            raise
+        self._info: RuntimeInfo = infos[0]
+
+    @property
+    def info(self) -> RuntimeInfo:
+        return self._info
+
+    def _bundle(self, num_cpus: float | None) -> dict[str, float]:
+        import ray
+
+        if num_cpus is None:
+            # One core per rank where the cluster has them, else an equal share.
+            num_cpus = min(1.0, float(ray.cluster_resources().get("CPU", 1.0)) / self.tp)
+        bundle = {"CPU": num_cpus}
+        if self.config.device.startswith("cuda"):
+            bundle["GPU"] = 1.0
+        return bundle
+
+    def _start(self, strategy: str, num_cpus: float | None, timeout_s: float) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = self._bundle(num_cpus)
+        self.placement_group = placement_group([bundle] * self.tp, strategy=strategy)
+        try:
+            ray.get(self.placement_group.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            raise TimeoutError(
+                f"placement group of {self.tp} bundles {bundle} ({strategy}) was not placed "
+                f"within {timeout_s}s; available: {ray.available_resources()}"
+            ) from e
+        actor = ray.remote(Worker)
+        self.workers = [
+            actor.options(
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0.0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=rank
+                ),
+            ).remote(self.config)
+            for rank in range(self.tp)
+        ]
+        ready = self._get([w.ready.remote() for w in self.workers], timeout_s, "ready")
+        addr, port = rendezvous(ready)
+        self._get(
+            [
+                w.init_process_group.remote(addr, port, rank, self.tp, timeout_s)
+                for rank, w in enumerate(self.workers)
+            ],
+            timeout_s,
+            "init_process_group",
+        )
+
+    def _get(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
+        import ray
+
+        try:
+            return list(ray.get(refs, timeout=timeout_s))
+        except ray.exceptions.GetTimeoutError as e:
+            raise TimeoutError(
+                f"{what} on {len(refs)} workers did not finish within {timeout_s}s"
+            ) from e
+
+    def execute(self, steps: list[SeqStep]) -> SamplerOutput:
+        """Runs one step on every rank (collective) and returns rank 0's samples.
+        Raises TimeoutError after ``step_timeout_s``."""
+        import ray
+
+        ref = ray.put(steps)  # serialized once, read by every rank
+        outs = self._get(
+            [w.execute.remote(ref) for w in self.workers], self.step_timeout_s, "execute"
+        )
+        if not isinstance(outs[0], SamplerOutput):
+            raise RuntimeError(f"rank 0 returned {type(outs[0]).__name__}, not SamplerOutput")
+        return outs[0]
+
+    def free(self, request_ids: list[str]) -> None:
+        """Forgets finished requests on every rank (waits up to ``step_timeout_s``)."""
+        self._get([w.free.remote(request_ids) for w in self.workers], self.step_timeout_s, "free")
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Every rank's counters (``Worker.stats``), in rank order."""
+        return self._get([w.stats.remote() for w in self.workers], self.step_timeout_s, "stats")
+
+    def shutdown(self) -> None:
+        """Kills the workers and removes the placement group; idempotent. Waits at most
+        a few seconds for ranks to leave their process group cleanly."""
+        import ray
+
+        if self.workers:
+            # A dead or stuck rank raises here: killing it below is the cure.
+            with contextlib.suppress(Exception):
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=5.0)
+            for w in self.workers:
+                ray.kill(w)
+            self.workers = []
+        if self.placement_group is not None:
+            ray.util.remove_placement_group(self.placement_group)
+            self.placement_group = None
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def rendezvous(ready: list[dict[str, Any]]) -> tuple[str, int]:
+    """The process group's master address: rank 0's host, by loopback when every rank
+    shares it, and a port rank 0 found free there (the driver may be elsewhere)."""
+    same_host = len({r["node_ip"] for r in ready}) == 1
+    addr = "127.0.0.1" if same_host else str(ready[0]["node_ip"])
+    return addr, int(ready[0]["free_port"])

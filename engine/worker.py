@@ -1,0 +1,172 @@
+"""One rank of one instance: a plain class that Ray runs as an actor (engine/executor.py).
+
+Every rank holds its shard of the model and of the KV cache and runs every step's
+forward, because the collectives inside it (two all-reduces per layer, one for the
+vocab-parallel embedding, one all-gather of the logits) must be entered by all ranks.
+Only rank 0 samples: the LM head all-gathers the logits, so rank 0 already holds them
+whole, and the block manager and the sampler state live with the driver's rank 0 view.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineConfig, ParallelConfig
+from engine.memory import host_memory_bytes, num_kv_blocks
+from engine.model_config import ModelConfig
+from engine.model_runner import ModelRunner, RuntimeInfo, SeqStep
+from engine.parallel import ParallelContext
+from engine.sampler import SamplerOutput
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it when binding port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class Worker:
+    """One tensor-parallel rank. Call order: ``ready`` → ``init_process_group`` (all
+    ranks at once) → ``load_model`` (all ranks at once) → ``execute``/``free`` (all
+    ranks, same arguments, same order) → ``shutdown``."""
+
+    def __init__(self, config: EngineConfig):
+        # Explicit threads: Ray's default OMP_NUM_THREADS follows num_cpus, and several
+        # ranks sharing a machine must not oversubscribe its cores.
+        torch.set_num_threads(config.num_threads or 1)
+        if config.device.startswith("cuda"):
+            # Ray sets CUDA_VISIBLE_DEVICES to the one GPU of this actor's bundle.
+            config = replace(config, device="cuda:0")
+        self.config = config
+        self.pc = ParallelContext()
+        self.runner: ModelRunner | None = None
+        self.num_steps = 0
+
+    def ready(self) -> dict[str, Any]:
+        """Returns as soon as the actor process is up (the executor waits on it with a
+        timeout): pid, node ip, a free port on this host (rank 0's becomes the
+        rendezvous when ranks span hosts), torch threads and device."""
+        return {
+            "pid": os.getpid(),
+            "node_ip": _node_ip(),
+            "free_port": free_port("0.0.0.0"),
+            "num_threads": torch.get_num_threads(),
+            "device": self.config.device,
+        }
+
+    def init_process_group(
+        self,
+        master_addr: str,
+        master_port: int,
+        rank: int,
+        world_size: int,
+        timeout_s: float = 60.0,
+    ) -> None:
+        """Joins this instance's process group (gloo on CPU, NCCL on CUDA) by a TCP
+        rendezvous at ``master_addr:master_port``. Blocks until all ``world_size`` ranks
+        joined; raises after ``timeout_s`` (later collectives use the same timeout)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        backend = "nccl" if self.config.device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        self.pc = ParallelContext(rank, world_size, dist.group.WORLD)
+
+    def load_model(self) -> RuntimeInfo:
+        """Builds this rank's shard of the model (reading only its slices of the
+        checkpoint) and its KV cache; collective: every rank must call it. All ranks
+        end with the same number of KV blocks (the minimum of what each could hold),
+        since the driver's block manager hands out one block id space for all."""
+        model_cfg = ModelConfig.from_pretrained(self.config.model)
+        ParallelConfig(tp=self.pc.tp_size).check_model(model_cfg)
+        config = replace(self.config, parallel=ParallelConfig(tp=self.pc.tp_size))
+        if config.cache.num_blocks is not None:
+            self.runner = ModelRunner(config, model_cfg, self.pc)
+            return self.runner.info
+        # Load with a one-block cache, then size the pool from what is left after the
+        # weights, agreeing on the smallest count over ranks.
+        one_block = replace(config, cache=replace(config.cache, num_blocks=1))
+        runner = ModelRunner(one_block, model_cfg, self.pc)
+        local = num_kv_blocks(
+            model_cfg, config.cache, runner.info.dtype, self._free_bytes(), self.pc.tp_size
+        )
+        runner.resize_kv(self._min_over_ranks(local))
+        self.runner = runner
+        return runner.info
+
+    def _free_bytes(self) -> int:
+        """Memory this rank may size its pool from: its GPU's free memory, or on CPU an
+        equal share of the host's RAM (the ranks of a STRICT_PACK instance share it, so
+        the instance takes ``memory_fraction`` of the host whatever its tp)."""
+        if self.config.device.startswith("cuda"):
+            return int(torch.cuda.mem_get_info()[0])
+        return host_memory_bytes() // self.pc.tp_size
+
+    def _min_over_ranks(self, value: int) -> int:
+        if self.pc.tp_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.config.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.pc.group)
+        return int(t.item())
+
+    def _require_runner(self) -> ModelRunner:
+        if self.runner is None:
+            raise RuntimeError("load_model() must run before execute/free/stats")
+        return self.runner
+
+    def execute(self, steps: list[SeqStep]) -> SamplerOutput | None:
+        """Runs one step's forward on this rank; collective: every rank gets the same
+        ``steps``. Rank 0 samples and returns the tokens; other ranks return None. A
+        rank that never enters makes the others fail after the group's timeout."""
+        runner = self._require_runner()
+        self.num_steps += 1
+        if self.pc.tp_rank == 0:
+            return runner.execute(steps)
+        runner.model(runner.build_batch(steps), runner.kv_caches)
+        return None
+
+    def free(self, request_ids: list[str]) -> None:
+        """Forgets per-request state of finished requests (local; no collective)."""
+        self._require_runner().free(request_ids)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since load: steps run, collectives entered, KV blocks (local)."""
+        runner = self._require_runner()
+        return {
+            "rank": self.pc.tp_rank,
+            "tp_size": self.pc.tp_size,
+            "num_steps": self.num_steps,
+            "num_all_reduces": self.pc.num_all_reduces,
+            "num_all_gathers": self.pc.num_all_gathers,
+            "num_blocks": runner.info.num_blocks,
+            "num_threads": torch.get_num_threads(),
+        }
+
+    def shutdown(self) -> None:
+        """Leaves the process group (local; the executor then kills the actor)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+    except Exception:  # outside Ray (unit use): the loopback is the only address we know
+        return "127.0.0.1"
