@@ -58,8 +58,8 @@ class LLM:
     """One instance in one process. ``generate`` serves many prompts at once;
     ``add_request`` / ``step`` / ``abort`` drive it incrementally.
 
-    ``executor`` runs the steps; by default this process's ModelRunner for tp = 1 and
-    Ray workers (``RayExecutor``) for ``config.parallel.tp`` > 1. ``shutdown()`` frees it.
+    ``executor`` runs the steps; by default this process's ModelRunner for one rank and
+    Ray workers (``RayExecutor``) for tp x pp > 1. ``shutdown()`` frees it.
     """
 
     def __init__(self, config: EngineConfig, executor: Executor | None = None):

@@ -66,31 +66,43 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """An instance's layout: ``tp`` tensor-parallel ranks (Megatron style). ``pp`` and
-    ``ep`` are reserved for pipeline and expert parallelism and must stay 1 for now."""
+    """An instance's layout: ``tp`` tensor-parallel ranks (Megatron style), ``ep``
+    expert groups sharding MoE experts within them (ep divides tp;
+    engine/expert_parallel.py). ``pp`` pipeline stages split the layers
+    (balanced, ``engine.layout.stage_layers``); a step flows through them as
+    ``pp_microbatches`` micro-batches (default: pp) so that stages overlap."""
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    pp_microbatches: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pp > 1:
-            raise ValueError(f"pipeline parallelism is not implemented yet (pp={self.pp})")
-        if self.ep > 1:
-            raise ValueError(f"expert parallelism is not implemented yet (ep={self.ep})")
+        if self.pp_microbatches is not None and self.pp_microbatches < 1:
+            raise ValueError(f"pp_microbatches must be >= 1, got {self.pp_microbatches}")
+        if self.tp % self.ep:
+            # Experts are sharded within the TP group (engine/expert_parallel.py).
+            raise ValueError(f"ep={self.ep} must divide tp={self.tp}")
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp
 
+    @property
+    def microbatches(self) -> int:
+        """Micro-batches per step: ``pp_microbatches``, or one per stage by default."""
+        return self.pp if self.pp_microbatches is None else self.pp_microbatches
+
     def check_model(self, cfg: ModelConfig) -> None:
         """Raises ValueError when this layout cannot split ``cfg``, saying which would."""
+        from engine.expert_parallel import validate_ep
         from engine.layout import validate_layout
 
         validate_layout(cfg, self.tp, self.pp)
+        validate_ep(cfg, self.tp, self.ep)
 
 
 @dataclass(frozen=True)

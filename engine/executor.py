@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from engine.config import EngineConfig, ParallelConfig
+from engine.config import EngineConfig
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, RuntimeInfo, SeqStep
 from engine.sampler import SamplerOutput
@@ -43,8 +43,8 @@ class SupportsShutdown(Protocol):
 
 
 def make_executor(config: EngineConfig, model_cfg: ModelConfig) -> Executor:
-    """This process's ModelRunner for tp = 1, else Ray workers for the layout."""
-    if config.parallel.tp == 1:
+    """This process's ModelRunner for one rank (tp = pp = 1), else Ray workers."""
+    if config.parallel.world_size == 1:
         return ModelRunner(config, model_cfg)
     return RayExecutor(config)
 
@@ -76,7 +76,8 @@ def connect_ray(address: str | None) -> bool:
 
 
 class RayExecutor:
-    """An instance of ``tp`` ranks, one Ray actor each, placed by one placement group.
+    """An instance of ``tp`` x ``pp`` ranks, one Ray actor each, placed by one placement
+    group; rank = stage * tp + tp_rank (``engine.pipeline``).
 
     Every call that waits on the actors has a timeout and raises ``TimeoutError``
     naming the call; after a step timeout the instance is unusable (ranks may be stuck
@@ -88,6 +89,7 @@ class RayExecutor:
         self,
         config: EngineConfig,
         tp: int | None = None,
+        pp: int | None = None,
         address: str | None = None,
         placement_strategy: str = "STRICT_PACK",
         num_cpus_per_worker: float | None = None,
@@ -95,7 +97,11 @@ class RayExecutor:
         load_timeout_s: float = 600.0,
         step_timeout_s: float = 120.0,
     ):
-        parallel = ParallelConfig(tp=config.parallel.tp if tp is None else tp)
+        parallel = replace(
+            config.parallel,
+            tp=config.parallel.tp if tp is None else tp,
+            pp=config.parallel.pp if pp is None else pp,
+        )
         if placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(
                 f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, "
@@ -107,6 +113,8 @@ class RayExecutor:
         parallel.check_model(ModelConfig.from_pretrained(config.model))
         self.config = replace(config, parallel=parallel)
         self.tp = parallel.tp
+        self.pp = parallel.pp
+        self.world_size = parallel.world_size
         self.step_timeout_s = step_timeout_s
         self.workers: list[Any] = []
         self.placement_group: Any = None
@@ -128,7 +136,7 @@ class RayExecutor:
 
         if num_cpus is None:
             # One core per rank where the cluster has them, else an equal share.
-            num_cpus = min(1.0, float(ray.cluster_resources().get("CPU", 1.0)) / self.tp)
+            num_cpus = min(1.0, float(ray.cluster_resources().get("CPU", 1.0)) / self.world_size)
         bundle = {"CPU": num_cpus}
         if self.config.device.startswith("cuda"):
             bundle["GPU"] = 1.0
@@ -140,13 +148,13 @@ class RayExecutor:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         bundle = self._bundle(num_cpus)
-        self.placement_group = placement_group([bundle] * self.tp, strategy=strategy)
+        self.placement_group = placement_group([bundle] * self.world_size, strategy=strategy)
         try:
             ray.get(self.placement_group.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as e:
             raise TimeoutError(
-                f"placement group of {self.tp} bundles {bundle} ({strategy}) was not placed "
-                f"within {timeout_s}s; available: {ray.available_resources()}"
+                f"placement group of {self.world_size} bundles {bundle} ({strategy}) was not "
+                f"placed within {timeout_s}s; available: {ray.available_resources()}"
             ) from e
         actor = ray.remote(Worker)
         self.workers = [
@@ -157,13 +165,13 @@ class RayExecutor:
                     self.placement_group, placement_group_bundle_index=rank
                 ),
             ).remote(self.config)
-            for rank in range(self.tp)
+            for rank in range(self.world_size)
         ]
         ready = self._get([w.ready.remote() for w in self.workers], timeout_s, "ready")
         addr, port = rendezvous(ready)
         self._get(
             [
-                w.init_process_group.remote(addr, port, rank, self.tp, timeout_s)
+                w.init_process_group.remote(addr, port, rank, self.world_size, timeout_s, self.tp)
                 for rank, w in enumerate(self.workers)
             ],
             timeout_s,
@@ -181,17 +189,24 @@ class RayExecutor:
             ) from e
 
     def execute(self, steps: list[SeqStep]) -> SamplerOutput:
-        """Runs one step on every rank (collective) and returns rank 0's samples.
-        Raises TimeoutError after ``step_timeout_s``."""
+        """Sends one step to every rank at once (collective) and returns the samples of
+        the last stage's TP rank 0. With pp > 1 each rank cuts the step into
+        ``pp_microbatches`` (``engine.pipeline.split_microbatches``). Raises
+        TimeoutError after ``step_timeout_s``."""
         import ray
 
         ref = ray.put(steps)  # serialized once, read by every rank
+        m = self.config.parallel.microbatches
         outs = self._get(
-            [w.execute.remote(ref) for w in self.workers], self.step_timeout_s, "execute"
+            [w.execute.remote(ref, m) for w in self.workers], self.step_timeout_s, "execute"
         )
-        if not isinstance(outs[0], SamplerOutput):
-            raise RuntimeError(f"rank 0 returned {type(outs[0]).__name__}, not SamplerOutput")
-        return outs[0]
+        sampler_rank = (self.pp - 1) * self.tp
+        out = outs[sampler_rank]
+        if not isinstance(out, SamplerOutput):
+            raise RuntimeError(
+                f"rank {sampler_rank} returned {type(out).__name__}, not SamplerOutput"
+            )
+        return out
 
     def free(self, request_ids: list[str]) -> None:
         """Forgets finished requests on every rank (waits up to ``step_timeout_s``)."""
@@ -200,6 +215,29 @@ class RayExecutor:
     def stats(self) -> list[dict[str, Any]]:
         """Every rank's counters (``Worker.stats``), in rank order."""
         return self._get([w.stats.remote() for w in self.workers], self.step_timeout_s, "stats")
+
+    def stage_utilisation(self, since: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Per stage: busy seconds (forward compute of its TP rank 0) over the pipeline's
+        wall seconds (the last stage's, which starts with the others and ends last),
+        next to the ideal m / (m + s - 1) of ``m`` micro-batches over ``s`` stages.
+        ``since`` (an earlier ``stats()``) restricts it to the steps run after that."""
+        now = self.stats()
+        m, s = self.config.parallel.microbatches, self.pp
+
+        def delta(rank: int, key: str) -> float:
+            return float(now[rank][key]) - (float(since[rank][key]) if since else 0.0)
+
+        wall = delta((s - 1) * self.tp, "wall_s")
+        return [
+            {
+                "stage": stage,
+                "busy_s": delta(stage * self.tp, "busy_s"),
+                "wall_s": wall,
+                "utilisation": delta(stage * self.tp, "busy_s") / wall if wall else 0.0,
+                "ideal": m / (m + s - 1),
+            }
+            for stage in range(s)
+        ]
 
     def shutdown(self) -> None:
         """Kills the workers and removes the placement group; idempotent. Waits at most

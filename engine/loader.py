@@ -43,13 +43,17 @@ def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, Any]]:
 def load_weights(model: nn.Module, model_type: str, model_dir: str | Path) -> None:
     """Copies every checkpoint tensor into ``model`` (a ``CausalLM``), one at a time.
 
-    Raises ValueError naming a checkpoint tensor with no home in the model, or a model
-    parameter the checkpoint did not provide.
+    A pipeline stage (``model.owns_tensor``) skips the tensors of other stages without
+    reading them. Raises ValueError naming a checkpoint tensor with no home in the
+    model, or a model parameter the checkpoint did not provide.
     """
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    owns = getattr(model, "owns_tensor", None)
     loaded: set[tuple[str, str, Any]] = set()
     for name, tensor in iter_tensors(model_dir):
         if IGNORED.search(name) or (tied and name == "lm_head.weight"):
+            continue
+        if owns is not None and not owns(name):
             continue
         target = map_name(model_type, name)
         try:

@@ -6,6 +6,7 @@ layers, tied embeddings); their checkpoint names are mapped in ``engine/families
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from engine.attention import AttentionBackend
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class Attention(nn.Module):
@@ -149,7 +152,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Embeddings, decoder layers and final norm; names mirror Hugging Face's ``model.``."""
+    """Embeddings, decoder layers and final norm; names mirror Hugging Face's ``model.``.
+
+    A pipeline stage builds only ``layers`` (the others are parameter-free placeholders,
+    so checkpoint names keep their global layer index), the embedding when it is the
+    first stage (or the last stage of a tied model, whose head is the embedding) and the
+    final norm when it is the last.
+    """
 
     def __init__(
         self,
@@ -158,26 +167,56 @@ class DecoderModel(nn.Module):
         pc: ParallelContext,
         backend: AttentionBackend,
         max_positions: int,
+        layers: range | None = None,
     ):
         super().__init__()
+        self.stage_layers = range(cfg.num_layers) if layers is None else layers
+        self.is_first = self.stage_layers.start == 0
+        self.is_last = self.stage_layers.stop == cfg.num_layers
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, pc)
+        self.embed_tokens: VocabParallelEmbedding | None = None
+        if self.is_first or (self.is_last and cfg.tie_word_embeddings):
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, pc)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, dtype, pc, rotary, backend) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, dtype, pc, rotary, backend)
+            if i in self.stage_layers
+            else nn.Identity()
+            for i in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if self.is_last else None
 
-    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
-        x = self.embed_tokens(batch.input_ids)
-        residual: torch.Tensor | None = None
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_tokens is None or not self.is_first:
+            raise RuntimeError("only the first pipeline stage embeds tokens")
+        return self.embed_tokens(input_ids)
+
+    def run_layers(
+        self,
+        batch: ForwardBatch,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_caches: list[KVCache],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This stage's layers; ``kv_caches`` holds one entry per stage layer."""
+        layers = [self.layers[i] for i in self.stage_layers]
+        for layer, kv in zip(layers, kv_caches, strict=True):
             x, residual = layer(batch.positions, x, residual, batch, kv)
+        return x, residual
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if self.norm is None:
+            raise RuntimeError("only the last pipeline stage holds the final norm")
         x, _ = self.norm(x, residual)
         return x
 
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+        x, residual = self.run_layers(batch, self.embed(batch.input_ids), None, kv_caches)
+        return self.final_norm(x, residual)
+
 
 class CausalLM(nn.Module):
-    """The model plus its LM head (shared with the embedding when tied)."""
+    """The model plus its LM head (shared with the embedding when tied). With ``layers``
+    set it is one pipeline stage: see ``DecoderModel``; the head lives on the last."""
 
     def __init__(
         self,
@@ -186,18 +225,38 @@ class CausalLM(nn.Module):
         pc: ParallelContext,
         backend: AttentionBackend,
         max_positions: int,
+        layers: range | None = None,
     ):
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg, dtype, pc, backend, max_positions)
-        self.lm_head = (
-            self.model.embed_tokens
-            if cfg.tie_word_embeddings
-            else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, pc)
-        )
+        self.model = DecoderModel(cfg, dtype, pc, backend, max_positions, layers)
+        self.lm_head: VocabParallelEmbedding | None = None
+        if self.model.is_last:
+            self.lm_head = (
+                self.model.embed_tokens
+                if cfg.tie_word_embeddings
+                else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, pc)
+            )
+
+    def owns_tensor(self, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` belongs to this stage (the loader skips
+        the others): its layers, the embedding and the head/final norm as above."""
+        m = _LAYER_NAME.match(name)
+        if m is not None:
+            return int(m.group(1)) in self.model.stage_layers
+        if name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is not None
+        if name.startswith(("model.norm.", "lm_head.")):
+            return self.model.is_last
+        return True
+
+    def logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Logits (fp32) of the rows to sample, from the last layer's normed output."""
+        if self.lm_head is None:
+            raise RuntimeError("only the last pipeline stage holds the LM head")
+        return self.lm_head.logits(hidden[batch.logits_indices])
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
         """Logits (fp32, [len(logits_indices), vocab]) for the rows to sample."""
-        hidden = self.model(batch, kv_caches)
-        return self.lm_head.logits(hidden[batch.logits_indices])
+        return self.logits(self.model(batch, kv_caches), batch)

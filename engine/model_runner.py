@@ -59,12 +59,18 @@ class ModelRunner:
     """Owns one rank's model, KV cache and sampler."""
 
     def __init__(
-        self, config: EngineConfig, model_cfg: ModelConfig, pc: ParallelContext | None = None
+        self,
+        config: EngineConfig,
+        model_cfg: ModelConfig,
+        pc: ParallelContext | None = None,
+        layers: range | None = None,
     ):
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.pc = pc or ParallelContext()
+        # A pipeline stage holds only these layers' weights and KV (default: all).
+        self.layers = range(model_cfg.num_layers) if layers is None else layers
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             configure_cpu_runtime()
@@ -76,12 +82,19 @@ class ModelRunner:
         backend = get_attention_backend(config.attention_backend, self.device)
         torch_dtype = TORCH_DTYPES[dtype]
         with torch.device(self.device):
-            self.model = CausalLM(model_cfg, torch_dtype, self.pc, backend, max_len)
+            self.model = CausalLM(
+                model_cfg, torch_dtype, self.pc, backend, max_len, layers=self.layers
+            )
         load_weights(self.model, model_cfg.model_type, config.model)
         self.model.eval()
         block_size = config.cache.block_size
         num_blocks = num_kv_blocks(
-            model_cfg, config.cache, dtype, self._free_memory(), self.pc.tp_size
+            model_cfg,
+            config.cache,
+            dtype,
+            self._free_memory(),
+            self.pc.tp_size,
+            num_layers=len(self.layers),
         )
         self.kv_caches = self._allocate_kv(model_cfg, num_blocks, block_size, torch_dtype)
         self.info = RuntimeInfo(dtype, num_blocks, block_size, max_len)
@@ -114,14 +127,17 @@ class ModelRunner:
                 torch.zeros(shape, dtype=dtype, device=self.device),
                 torch.zeros(shape, dtype=dtype, device=self.device),
             )
-            for _ in range(cfg.num_layers)
+            for _ in self.layers
         ]
 
     def execute(self, steps: list[SeqStep]) -> SamplerOutput:
         """Forwards one step (prefill entries first, then single-token decodes) and
         samples the next token of every entry with ``sample`` set, in order."""
         batch = self.build_batch(steps)
-        logits = self.model(batch, self.kv_caches)
+        return self.sample(steps, self.model(batch, self.kv_caches))
+
+    def sample(self, steps: list[SeqStep], logits: torch.Tensor) -> SamplerOutput:
+        """Samples the entries of ``steps`` with ``sample`` set from their ``logits`` rows."""
         sampled = [s for s in steps if s.sample]
         gens = [self._generator(s) for s in sampled]
         return self.sampler(logits, [s.params for s in sampled], gens)

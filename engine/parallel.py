@@ -28,7 +28,12 @@ def slice_shape(loaded: Any) -> list[int]:
 
 @dataclass
 class ParallelContext:
-    """This rank's place in its instance's tensor-parallel group."""
+    """This rank's place in its instance's tensor-parallel group.
+
+    ``ep_size`` > 1 shards whole MoE experts over the TP group (engine/expert_parallel.py):
+    the group is ``ep_size`` expert groups of ``tp_size // ep_size`` consecutive ranks
+    each, which split their experts' intermediate dim like a dense MLP.
+    """
 
     tp_rank: int = 0
     tp_size: int = 1
@@ -36,6 +41,25 @@ class ParallelContext:
     # Counted so tests and benchmarks can check the collectives per step.
     num_all_reduces: int = field(default=0)
     num_all_gathers: int = field(default=0)
+    ep_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.ep_size < 1 or self.tp_size % self.ep_size:
+            raise ValueError(f"ep_size={self.ep_size} must divide tp_size={self.tp_size}")
+
+    @property
+    def ep_rank(self) -> int:
+        """Which expert group (slice of the experts) this rank holds."""
+        return self.tp_rank // self.expert_tp_size
+
+    @property
+    def expert_tp_size(self) -> int:
+        """Ranks sharing one expert group, splitting each expert's intermediate dim."""
+        return self.tp_size // self.ep_size
+
+    @property
+    def expert_tp_rank(self) -> int:
+        return self.tp_rank % self.expert_tp_size
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

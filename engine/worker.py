@@ -18,11 +18,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.config import EngineConfig, ParallelConfig
+from engine.config import EngineConfig
+from engine.expert_parallel import expert_load
 from engine.memory import host_memory_bytes, num_kv_blocks
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, RuntimeInfo, SeqStep
 from engine.parallel import ParallelContext
+from engine.pipeline import (
+    Stage,
+    StageTimer,
+    run_stage,
+    split_microbatches,
+    stage_of,
+    tp_group_ranks,
+)
 from engine.sampler import SamplerOutput
 
 
@@ -47,8 +56,10 @@ class Worker:
             config = replace(config, device="cuda:0")
         self.config = config
         self.pc = ParallelContext()
+        self.stage = Stage(0, 1, 0, 1)
         self.runner: ModelRunner | None = None
         self.num_steps = 0
+        self.timer = StageTimer()
 
     def ready(self) -> dict[str, Any]:
         """Returns as soon as the actor process is up (the executor waits on it with a
@@ -69,12 +80,18 @@ class Worker:
         rank: int,
         world_size: int,
         timeout_s: float = 60.0,
+        tp: int | None = None,
     ) -> None:
         """Joins this instance's process group (gloo on CPU, NCCL on CUDA) by a TCP
         rendezvous at ``master_addr:master_port``. Blocks until all ``world_size`` ranks
-        joined; raises after ``timeout_s`` (later collectives use the same timeout)."""
+        joined; raises after ``timeout_s`` (later collectives and pipeline sends use the
+        same timeout). ``tp`` (default: world_size) ranks form each pipeline stage; with
+        world_size // tp > 1 stages every rank also creates every stage's TP group."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        tp = world_size if tp is None else tp
+        if tp < 1 or world_size % tp:
+            raise ValueError(f"tp={tp} does not divide world_size={world_size}")
         backend = "nccl" if self.config.device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(0)
@@ -85,7 +102,17 @@ class Worker:
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
-        self.pc = ParallelContext(rank, world_size, dist.group.WORLD)
+        self.stage = stage_of(rank, tp, world_size // tp)
+        if self.stage.pp_size == 1:
+            self.pc = ParallelContext(
+                rank, world_size, dist.group.WORLD, ep_size=self.config.parallel.ep
+            )
+            return
+        # new_group is collective over the world: every rank creates every group, in order.
+        groups = [dist.new_group(ranks) for ranks in tp_group_ranks(tp, self.stage.pp_size)]
+        self.pc = ParallelContext(
+            self.stage.tp_rank, tp, groups[self.stage.pp_rank], ep_size=self.config.parallel.ep
+        )
 
     def load_model(self) -> RuntimeInfo:
         """Builds this rank's shard of the model (reading only its slices of the
@@ -93,17 +120,24 @@ class Worker:
         end with the same number of KV blocks (the minimum of what each could hold),
         since the driver's block manager hands out one block id space for all."""
         model_cfg = ModelConfig.from_pretrained(self.config.model)
-        ParallelConfig(tp=self.pc.tp_size).check_model(model_cfg)
-        config = replace(self.config, parallel=ParallelConfig(tp=self.pc.tp_size))
+        parallel = replace(self.config.parallel, tp=self.pc.tp_size, pp=self.stage.pp_size)
+        parallel.check_model(model_cfg)
+        config = replace(self.config, parallel=parallel)
+        layers = self.stage.layers(model_cfg.num_layers)
         if config.cache.num_blocks is not None:
-            self.runner = ModelRunner(config, model_cfg, self.pc)
+            self.runner = ModelRunner(config, model_cfg, self.pc, layers)
             return self.runner.info
         # Load with a one-block cache, then size the pool from what is left after the
         # weights, agreeing on the smallest count over ranks.
         one_block = replace(config, cache=replace(config.cache, num_blocks=1))
-        runner = ModelRunner(one_block, model_cfg, self.pc)
+        runner = ModelRunner(one_block, model_cfg, self.pc, layers)
         local = num_kv_blocks(
-            model_cfg, config.cache, runner.info.dtype, self._free_bytes(), self.pc.tp_size
+            model_cfg,
+            config.cache,
+            runner.info.dtype,
+            self._free_bytes(),
+            self.pc.tp_size,
+            num_layers=len(layers),
         )
         runner.resize_kv(self._min_over_ranks(local))
         self.runner = runner
@@ -115,13 +149,14 @@ class Worker:
         the instance takes ``memory_fraction`` of the host whatever its tp)."""
         if self.config.device.startswith("cuda"):
             return int(torch.cuda.mem_get_info()[0])
-        return host_memory_bytes() // self.pc.tp_size
+        return host_memory_bytes() // (self.pc.tp_size * self.stage.pp_size)
 
     def _min_over_ranks(self, value: int) -> int:
-        if self.pc.tp_size == 1:
+        """The minimum of ``value`` over every rank of every stage (one block id space)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=self.config.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.pc.group)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
     def _require_runner(self) -> ModelRunner:
@@ -129,12 +164,19 @@ class Worker:
             raise RuntimeError("load_model() must run before execute/free/stats")
         return self.runner
 
-    def execute(self, steps: list[SeqStep]) -> SamplerOutput | None:
+    def execute(self, steps: list[SeqStep], num_microbatches: int = 1) -> SamplerOutput | None:
         """Runs one step's forward on this rank; collective: every rank gets the same
         ``steps``. Rank 0 samples and returns the tokens; other ranks return None. A
-        rank that never enters makes the others fail after the group's timeout."""
+        rank that never enters makes the others fail after the group's timeout.
+
+        With several pipeline stages the step is cut into ``num_microbatches`` (the
+        same cut on every rank) that flow through the stages; the last stage's TP rank
+        0 samples and returns the tokens in the order of ``steps``."""
         runner = self._require_runner()
         self.num_steps += 1
+        if self.stage.pp_size > 1:
+            microbatches = split_microbatches(steps, num_microbatches)
+            return run_stage(runner, self.stage, microbatches, self.timer)
         if self.pc.tp_rank == 0:
             return runner.execute(steps)
         runner.model(runner.build_batch(steps), runner.kv_caches)
@@ -145,16 +187,35 @@ class Worker:
         self._require_runner().free(request_ids)
 
     def stats(self) -> dict[str, Any]:
-        """Counters since load: steps run, collectives entered, KV blocks (local)."""
+        """Counters since load (local): steps run, collectives entered, this stage's
+        layers and KV pool (blocks, bytes per block), pipeline busy/wall seconds, and
+        tokens routed to each expert (summed over MoE layers; empty for dense models)."""
         runner = self._require_runner()
+        moe: dict[str, Any] = {}
+        if runner.model.config.num_experts > 0:
+            load = expert_load(runner.model, self.pc.ep_size)
+            moe = {
+                "tokens_per_expert": load.tokens_per_expert,
+                "expert_hotspot_ratio": load.hotspot_ratio,
+            }
         return {
-            "rank": self.pc.tp_rank,
+            **moe,
+            "ep_size": self.pc.ep_size,
+            "rank": self.stage.pp_rank * self.pc.tp_size + self.pc.tp_rank,
+            "tp_rank": self.pc.tp_rank,
             "tp_size": self.pc.tp_size,
+            "pp_rank": self.stage.pp_rank,
+            "pp_size": self.stage.pp_size,
+            "layers": list(runner.layers),
+            "kv_layers": len(runner.kv_caches),
+            "kv_block_bytes": sum(k.numel() * k.element_size() * 2 for k, _ in runner.kv_caches)
+            // max(1, runner.info.num_blocks),
             "num_steps": self.num_steps,
             "num_all_reduces": self.pc.num_all_reduces,
             "num_all_gathers": self.pc.num_all_gathers,
             "num_blocks": runner.info.num_blocks,
             "num_threads": torch.get_num_threads(),
+            **self.timer.as_dict(),
         }
 
     def shutdown(self) -> None:

@@ -46,12 +46,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (per worker)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (Ray workers)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages (not implemented yet)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (Ray workers)")
+    p.add_argument(
+        "--pp-microbatches",
+        type=int,
+        default=None,
+        help="micro-batches per step with --pp > 1 (default: one per stage)",
+    )
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (not implemented yet)")
     p.add_argument(
         "--address",
         default=None,
-        help="Ray cluster to run the workers on (default: start a local one when --tp > 1)",
+        help="Ray cluster to run the workers on (default: start a local one when tp x pp > 1)",
     )
 
 
@@ -90,7 +96,9 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
             max_num_batched_tokens=args.max_num_batched_tokens,
             chunked_prefill=not args.no_chunked_prefill,
         ),
-        parallel=ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep),
+        parallel=ParallelConfig(
+            tp=args.tp, pp=args.pp, ep=args.ep, pp_microbatches=args.pp_microbatches
+        ),
     )
 
 
@@ -100,7 +108,7 @@ def make_llm(args: argparse.Namespace, model: str) -> LLM:
     from decode.llm import LLM
 
     config = engine_config(args, model)
-    if config.parallel.tp == 1 and args.address is None:
+    if config.parallel.world_size == 1 and args.address is None:
         return LLM(config)
     from engine.executor import RayExecutor
 

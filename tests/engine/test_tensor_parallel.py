@@ -129,8 +129,8 @@ def test_bad_tp_is_refused_before_any_actor(
         LLM(engine_config(checkpoints["llama"], parallel=ParallelConfig(tp=3)))
     with pytest.raises(ValueError, match=r"tp must be >= 1, got 0"):
         RayExecutor(config, tp=0)
-    with pytest.raises(ValueError, match="pipeline parallelism is not implemented yet"):
-        ParallelConfig(pp=2)
+    with pytest.raises(ValueError, match=r"pp=5 is not between 1 and num_hidden_layers=4"):
+        RayExecutor(config, tp=1, pp=5)
 
 
 def test_cli_generate_tp2_prints_the_same(
