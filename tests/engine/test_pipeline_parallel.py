@@ -161,17 +161,3 @@ def test_pipeline_matches_single_rank(
         _check_stage_stats(executor, path, tp, m)
     finally:
         llm.shutdown()
-
-
-def test_cli_generate_pp2_prints_the_same(
-    checkpoints: dict[str, Path], ray_cluster: None, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from router.cli import main
-
-    argv = ["generate", "--model", str(checkpoints["llama"]), "--prompt", PROMPTS[0]]
-    argv += ["--max-tokens", "6", "--dtype", "float32", "--threads", "1", "--json"]
-    argv += ["--kv-cache-bytes", str(1 << 20)]  # a small pool: allocating GBs takes seconds
-    assert main(argv) == 0
-    pp1 = capsys.readouterr().out
-    assert main([*argv, "--pp", "2"]) == 0
-    assert capsys.readouterr().out == pp1

@@ -133,8 +133,12 @@ def test_bad_tp_is_refused_before_any_actor(
         RayExecutor(config, tp=1, pp=5)
 
 
-def test_cli_generate_tp2_prints_the_same(
-    checkpoints: dict[str, Path], ray_cluster: None, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
+def test_cli_generate_on_ray_prints_the_same(
+    checkpoints: dict[str, Path],
+    ray_cluster: None,
+    capsys: pytest.CaptureFixture[str],
+    layout: list[str],
 ) -> None:
     from router.cli import main
 
@@ -142,6 +146,6 @@ def test_cli_generate_tp2_prints_the_same(
     argv += ["--max-tokens", "6", "--dtype", "float32", "--threads", "1", "--json"]
     argv += ["--kv-cache-bytes", str(1 << 20)]  # a small pool: allocating GBs takes seconds
     assert main(argv) == 0
-    tp1 = capsys.readouterr().out
-    assert main([*argv, "--tp", "2"]) == 0
-    assert capsys.readouterr().out == tp1
+    single = capsys.readouterr().out
+    assert main([*argv, *layout]) == 0
+    assert capsys.readouterr().out == single
