@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.stages import check_boundaries
+
 if TYPE_CHECKING:
     from engine.model_config import ModelConfig
 
@@ -67,15 +69,19 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     """An instance's layout: ``tp`` tensor-parallel ranks (Megatron style), ``ep``
-    expert groups sharding MoE experts within them (ep divides tp;
-    engine/expert_parallel.py). ``pp`` pipeline stages split the layers
-    (balanced, ``engine.layout.stage_layers``); a step flows through them as
-    ``pp_microbatches`` micro-batches (default: pp) so that stages overlap."""
+    expert groups sharding MoE experts (engine/expert_parallel.py): within the TP
+    group when ep divides tp, else over ep ranks per stage (a multiple of tp: ep/tp
+    replicas of the TP group, attention computed redundantly on each). ``pp``
+    pipeline stages split the layers
+    (``engine.stages.stage_layers``: balanced, or at ``pp_boundaries``, the first
+    layer of stages 1..pp-1); a step flows through them as ``pp_microbatches``
+    micro-batches (default: pp) so that stages overlap."""
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
     pp_microbatches: int | None = None
+    pp_boundaries: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep"):
@@ -83,13 +89,22 @@ class ParallelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pp_microbatches is not None and self.pp_microbatches < 1:
             raise ValueError(f"pp_microbatches must be >= 1, got {self.pp_microbatches}")
-        if self.tp % self.ep:
-            # Experts are sharded within the TP group (engine/expert_parallel.py).
-            raise ValueError(f"ep={self.ep} must divide tp={self.tp}")
+        check_boundaries(self.pp_boundaries, self.pp)  # the layer range: check_model
+        if self.tp % self.ep and self.ep % self.tp:
+            # engine/expert_parallel.py: within the TP group, or over ep/tp replicas of it.
+            raise ValueError(
+                f"ep={self.ep} and tp={self.tp}: one must divide the other "
+                "(ep divides tp, or ep is a multiple of tp)"
+            )
+
+    @property
+    def stage_size(self) -> int:
+        """Ranks per pipeline stage: tp, or ep when ep > tp (ep/tp TP replicas)."""
+        return max(self.tp, self.ep)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp
+        return self.stage_size * self.pp
 
     @property
     def microbatches(self) -> int:
@@ -101,7 +116,7 @@ class ParallelConfig:
         from engine.expert_parallel import validate_ep
         from engine.layout import validate_layout
 
-        validate_layout(cfg, self.tp, self.pp)
+        validate_layout(cfg, self.tp, self.pp, self.pp_boundaries)
         validate_ep(cfg, self.tp, self.ep)
 
 

@@ -76,8 +76,9 @@ def connect_ray(address: str | None) -> bool:
 
 
 class RayExecutor:
-    """An instance of ``tp`` x ``pp`` ranks, one Ray actor each, placed by one placement
-    group; rank = stage * tp + tp_rank (``engine.pipeline``).
+    """An instance of max(tp, ep) x ``pp`` ranks, one Ray actor each, placed by one
+    placement group; rank = stage * max(tp, ep) + rank in stage (``engine.pipeline``).
+    With ep > tp a stage is ep/tp TP replicas sharing one MoE group.
 
     Every call that waits on the actors has a timeout and raises ``TimeoutError``
     naming the call; after a step timeout the instance is unusable (ranks may be stuck
@@ -114,6 +115,7 @@ class RayExecutor:
         self.config = replace(config, parallel=parallel)
         self.tp = parallel.tp
         self.pp = parallel.pp
+        self.stage_size = parallel.stage_size
         self.world_size = parallel.world_size
         self.step_timeout_s = step_timeout_s
         self.workers: list[Any] = []
@@ -200,7 +202,7 @@ class RayExecutor:
         outs = self._get(
             [w.execute.remote(ref, m) for w in self.workers], self.step_timeout_s, "execute"
         )
-        sampler_rank = (self.pp - 1) * self.tp
+        sampler_rank = (self.pp - 1) * self.stage_size
         out = outs[sampler_rank]
         if not isinstance(out, SamplerOutput):
             raise RuntimeError(
@@ -227,13 +229,14 @@ class RayExecutor:
         def delta(rank: int, key: str) -> float:
             return float(now[rank][key]) - (float(since[rank][key]) if since else 0.0)
 
-        wall = delta((s - 1) * self.tp, "wall_s")
+        w = self.stage_size
+        wall = delta((s - 1) * w, "wall_s")
         return [
             {
                 "stage": stage,
-                "busy_s": delta(stage * self.tp, "busy_s"),
+                "busy_s": delta(stage * w, "busy_s"),
                 "wall_s": wall,
-                "utilisation": delta(stage * self.tp, "busy_s") / wall if wall else 0.0,
+                "utilisation": delta(stage * w, "busy_s") / wall if wall else 0.0,
                 "ideal": m / (m + s - 1),
             }
             for stage in range(s)

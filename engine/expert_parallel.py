@@ -19,6 +19,14 @@ own tokens, as in data-parallel attention) would instead need an all-to-all to s
 tokens to the ranks owning their experts and a second all-to-all to bring the outputs
 back; that pays off when tokens per rank are many, and is not built here.
 
+EP wider than TP (``ep`` a multiple of ``tp``, e.g. tp=1 ep=2). A pipeline stage then
+has ``ep`` ranks: ``ep/tp`` replicas of the TP group, each computing attention, norms,
+embedding and LM head redundantly (identical inputs, so identical outputs), and one
+*MoE group* of all ``ep`` ranks (``ParallelContext.moe_group``) over which the experts
+are split, ``E/ep`` whole experts per rank, and the MoE combine all-reduces. At tp=1
+that all-reduce per MoE layer is the step's only collective. ``ep <= tp`` keeps the MoE
+group = the TP group, as above.
+
 Why EP at all when TP already splits experts: whole experts mean one matmul per
 expert of full width instead of ``tp`` narrow ones, and a rank only reads its experts'
 weights, not a slice of every expert.
@@ -47,15 +55,15 @@ def validate_ep(cfg: ModelConfig, tp: int, ep: int) -> None:
         return
     if not cfg.num_experts:
         raise ValueError(f"ep={ep} needs a mixture-of-experts model; {cfg.model_type} has none")
-    if tp % ep:
+    if tp % ep and ep % tp:
         divisors = [d for d in range(1, tp + 1) if tp % d == 0 and cfg.num_experts % d == 0]
         raise ValueError(
-            f"ep={ep} must divide tp={tp} (experts are sharded within the TP "
-            f"group); ep in {divisors} would"
+            f"ep={ep} must divide tp={tp} (experts sharded within the TP group) or be a "
+            f"multiple of it (ep/tp TP replicas); ep in {divisors} or a multiple of tp would"
         )
     if cfg.num_experts % ep:
         raise ValueError(f"ep={ep} does not divide num_experts={cfg.num_experts}")
-    if cfg.moe_intermediate_size % (tp // ep):
+    if tp > ep and cfg.moe_intermediate_size % (tp // ep):
         raise ValueError(
             f"tp/ep={tp // ep} does not divide moe_intermediate_size={cfg.moe_intermediate_size}"
         )

@@ -1,40 +1,20 @@
 """Layouts (tp, pp) and memory sizing from a model's shape alone (no torch).
 
 Everything here is computed analytically from ``ModelConfig`` exactly as ``engine.model``
-shards the weights (Megatron-style TP, balanced PP stages), so ``pdserve plan memory``
+shards the weights (Megatron-style TP, PP stages from ``engine.stages``), so ``pdserve plan memory``
 can size a deployment for a device that is not attached, and the engine sizes its KV
 pool at start-up with the same KV formula (``engine.memory`` calls into this module).
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from decimal import Decimal
 
 from engine.model_config import DTYPE_BYTES, ModelConfig
-
-# Decimal (KB = 1000) and binary (KiB = 1024) units, matched case-insensitively.
-_UNITS = {"": 1, "b": 1} | {
-    f"{p}{suffix}": base ** (i + 1)
-    for i, p in enumerate("kmgtp")
-    for suffix, base in (("b", 1000), ("ib", 1024))
-}
-_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_bytes(text: str) -> int:
-    """Bytes in ``text``: a number with an optional unit, decimal (KB, MB, GB, TB, PB)
-    or binary (KiB, MiB, GiB, TiB, PiB), case-insensitive: "80GiB", "1.5TiB", "1000000".
-    Fractions of a byte are dropped. ValueError naming ``text`` if it is not one."""
-    m = _BYTES_RE.match(text)
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _UNITS:
-        raise ValueError(
-            f"cannot parse {text!r} as a byte size: expected a number with an optional "
-            "unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 80GiB"
-        )
-    return int(Decimal(m.group(1)) * _UNITS[unit])  # Decimal: "1.5TiB" is exact
+from engine.stages import stage_layers as stage_layers  # re-exported
+from engine.units import format_bytes as format_bytes  # re-exported
+from engine.units import parse_bytes as parse_bytes  # re-exported
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -53,20 +33,6 @@ def plan_dtype(cfg: ModelConfig, dtype: str) -> str:
 
 
 # ---------------------------------------------------------------- layout rules
-
-
-def stage_layers(num_layers: int, pp: int) -> list[range]:
-    """Decoder layers of each pipeline stage, balanced: the first ``num_layers % pp``
-    stages get one extra layer. ValueError unless 1 <= pp <= num_layers."""
-    if not 1 <= pp <= num_layers:
-        raise ValueError(f"pp={pp} must be between 1 and num_hidden_layers={num_layers}")
-    base, extra = divmod(num_layers, pp)
-    ranges, start = [], 0
-    for stage in range(pp):
-        n = base + (1 if stage < extra else 0)
-        ranges.append(range(start, start + n))
-        start += n
-    return ranges
 
 
 def kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
@@ -108,10 +74,13 @@ def valid_tp_values(cfg: ModelConfig) -> list[int]:
     return [tp for tp in range(1, cfg.num_heads + 1) if _tp_problem(cfg, tp) is None]
 
 
-def validate_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
+def validate_layout(
+    cfg: ModelConfig, tp: int, pp: int, boundaries: Sequence[int] | None = None
+) -> None:
     """ValueError saying why (tp, pp) cannot run ``cfg`` and which values can; tp must
     divide the attention heads, the KV heads (or be a multiple of them, to replicate)
-    and the (expert) intermediate size; pp must be between 1 and the layer count."""
+    and the (expert) intermediate size; pp must be between 1 and the layer count, and
+    explicit stage ``boundaries`` (``engine.stages``) must be valid layer indices."""
     problem = _tp_problem(cfg, tp)
     if problem is not None:
         valid = ", ".join(str(t) for t in valid_tp_values(cfg))
@@ -121,6 +90,7 @@ def validate_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
             f"pp={pp} is not between 1 and num_hidden_layers={cfg.num_layers} "
             f"(every stage needs a layer): valid pp values are 1 to {cfg.num_layers}"
         )
+    stage_layers(cfg.num_layers, pp, boundaries)
 
 
 # ---------------------------------------------------------------- weight bytes
@@ -142,11 +112,13 @@ def _layer_params(cfg: ModelConfig, layer: int, tp: int) -> int:
     return n + 3 * h * (cfg.intermediate_size // tp)
 
 
-def _stage_params(cfg: ModelConfig, tp: int, pp: int) -> list[int]:
+def _stage_params(
+    cfg: ModelConfig, tp: int, pp: int, boundaries: Sequence[int] | None = None
+) -> list[int]:
     """Parameters per rank of each pipeline stage."""
     per_layer = [_layer_params(cfg, i, tp) for i in range(cfg.num_layers)]
     vocab_rows = -(-cfg.vocab_size // tp) * cfg.hidden_size  # vocab-parallel, ceil rows
-    stages = [sum(per_layer[i] for i in r) for r in stage_layers(cfg.num_layers, pp)]
+    stages = [sum(per_layer[i] for i in r) for r in stage_layers(cfg.num_layers, pp, boundaries)]
     stages[0] += vocab_rows  # embedding
     # Final norm and LM head live on the last stage; a tied head shares the embedding's
     # storage only when both sit on the same (single) stage.
@@ -157,13 +129,21 @@ def _stage_params(cfg: ModelConfig, tp: int, pp: int) -> list[int]:
 
 
 def weight_bytes_per_rank(
-    cfg: ModelConfig, dtype: str, tp: int, pp: int, pp_rank: int | None = None
+    cfg: ModelConfig,
+    dtype: str,
+    tp: int,
+    pp: int,
+    pp_rank: int | None = None,
+    boundaries: Sequence[int] | None = None,
 ) -> int:
     """Weight bytes one rank of pipeline stage ``pp_rank`` holds (None: the largest
-    stage). For tp=pp=1 this equals the model's parameter count times the dtype size.
-    ValueError on an invalid layout or stage."""
-    validate_layout(cfg, tp, pp)
-    stages = _stage_params(cfg, tp, pp)
+    stage), stages split at ``boundaries`` (None: balanced). For tp=pp=1 this equals the
+    model's parameter count times the dtype size. ValueError on an invalid layout or stage.
+    Experts are counted as plain TP shards them (every expert at 1/tp width); expert
+    parallelism holds the same bytes when ep <= tp, and E/ep whole experts per rank
+    (fewer bytes) when ep > tp: this is then an upper bound."""
+    validate_layout(cfg, tp, pp, boundaries)
+    stages = _stage_params(cfg, tp, pp, boundaries)
     if pp_rank is None:
         return max(stages) * dtype_bytes(dtype)
     if not 0 <= pp_rank < pp:
@@ -217,14 +197,22 @@ def _check_plan_args(device_memory_bytes: int, reserve: float, block_size: int, 
 
 
 def _plan(
-    cfg: ModelConfig, mem: int, reserve: float, tp: int, pp: int, dtype: str, bs: int, ctx: int
+    cfg: ModelConfig,
+    mem: int,
+    reserve: float,
+    tp: int,
+    pp: int,
+    dtype: str,
+    bs: int,
+    ctx: int,
+    bounds: Sequence[int] | None = None,
 ) -> MemoryPlan:
     """The plan of a validated layout, without a suggestion when it does not fit."""
     nbytes = dtype_bytes(dtype)
     budget = int(mem * (1.0 - reserve))
-    stage_weights = [p * nbytes for p in _stage_params(cfg, tp, pp)]
+    stage_weights = [p * nbytes for p in _stage_params(cfg, tp, pp, bounds)]
     stage_kv = [
-        kv_bytes_per_token(cfg, dtype, tp, len(r)) for r in stage_layers(cfg.num_layers, pp)
+        kv_bytes_per_token(cfg, dtype, tp, len(r)) for r in stage_layers(cfg.num_layers, pp, bounds)
     ]
     blocks = min(
         max(0, budget - w) // (kv * bs) for w, kv in zip(stage_weights, stage_kv, strict=True)
@@ -263,21 +251,21 @@ def _plan(
     )
 
 
-def format_bytes(n: int) -> str:
-    """``n`` in the largest binary unit (up to TiB) that keeps it >= 1, two decimals."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:,.2f} {unit}"
-    return f"{n} B"
-
-
 def _suggest(
-    cfg: ModelConfig, mem: int, reserve: float, pp: int, dtype: str, bs: int, ctx: int
+    cfg: ModelConfig,
+    mem: int,
+    reserve: float,
+    pp: int,
+    dtype: str,
+    bs: int,
+    ctx: int,
+    bounds: Sequence[int] | None = None,
 ) -> str:
-    """The smallest tp that fits at this pp, else the layout with fewest devices that fits."""
+    """The smallest tp that fits at this pp (and these stage boundaries), else the
+    layout with fewest devices that fits (balanced stages)."""
     tps = valid_tp_values(cfg)
     for tp in tps:
-        if _plan(cfg, mem, reserve, tp, pp, dtype, bs, ctx).fits:
+        if _plan(cfg, mem, reserve, tp, pp, dtype, bs, ctx, bounds).fits:
             return f"the smallest tp that fits at pp={pp} is tp={tp}"
     layouts = sorted(
         ((tp, p) for tp in tps for p in range(1, cfg.num_layers + 1)),
@@ -298,19 +286,22 @@ def plan_memory(
     dtype: str = "auto",
     block_size: int = 16,
     context_len: int | None = None,
+    pp_boundaries: Sequence[int] | None = None,
 ) -> MemoryPlan:
     """Size the KV pool of layout (tp, pp) on devices of ``device_memory_bytes`` keeping
     ``reserve`` (a fraction) free for activations and runtime: budget per rank =
     memory x (1 - reserve) - weights. ``context_len`` defaults to the model's
-    ``max_position_embeddings``; ``dtype`` "auto" is the checkpoint's. ValueError on a
+    ``max_position_embeddings``; ``dtype`` "auto" is the checkpoint's; ``pp_boundaries``
+    splits the stages explicitly (``engine.stages``). ValueError on a
     bad layout or argument; a layout that does not fit gives ``fits=False`` and a reason
     naming the smallest layout that would."""
     ctx = cfg.max_position_embeddings if context_len is None else context_len
     _check_plan_args(device_memory_bytes, reserve, block_size, ctx)
     dtype = plan_dtype(cfg, dtype)
-    validate_layout(cfg, tp, pp)
-    plan = _plan(cfg, device_memory_bytes, reserve, tp, pp, dtype, block_size, ctx)
+    validate_layout(cfg, tp, pp, pp_boundaries)
+    args = (cfg, device_memory_bytes, reserve)
+    plan = _plan(*args, tp, pp, dtype, block_size, ctx, pp_boundaries)
     if plan.fits:
         return plan
-    hint = _suggest(cfg, device_memory_bytes, reserve, pp, dtype, block_size, ctx)
+    hint = _suggest(*args, pp, dtype, block_size, ctx, pp_boundaries)
     return replace(plan, reason=f"{plan.reason}; {hint}")

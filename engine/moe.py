@@ -98,4 +98,4 @@ class SparseMoeBlock(nn.Module):
             start += n
         ys = ys * weights.flatten()[order].to(x.dtype).unsqueeze(-1)
         out = torch.zeros_like(x).index_add_(0, token_of, ys)
-        return self.pc.all_reduce(out)
+        return self.pc.moe_all_reduce(out)

@@ -28,11 +28,15 @@ def slice_shape(loaded: Any) -> list[int]:
 
 @dataclass
 class ParallelContext:
-    """This rank's place in its instance's tensor-parallel group.
+    """This rank's place in its instance's tensor-parallel group (and MoE group).
 
-    ``ep_size`` > 1 shards whole MoE experts over the TP group (engine/expert_parallel.py):
-    the group is ``ep_size`` expert groups of ``tp_size // ep_size`` consecutive ranks
-    each, which split their experts' intermediate dim like a dense MLP.
+    ``ep_size`` > 1 shards whole MoE experts over the *MoE group*
+    (engine/expert_parallel.py): ``ep_size`` expert groups of ``moe_ranks // ep_size``
+    consecutive ranks each, which split their experts' intermediate dim like a dense
+    MLP. The MoE group is the TP group unless ``moe_size`` > 0 gives a separate one
+    (``moe_group``, this rank being ``moe_rank`` of ``moe_size``): with ep > tp it is a
+    stage's ep ranks, ep/tp replicas of the TP group, and the MoE combine all-reduces
+    over it while attention, embedding and head stay within the TP group.
     """
 
     tp_rank: int = 0
@@ -42,30 +46,62 @@ class ParallelContext:
     num_all_reduces: int = field(default=0)
     num_all_gathers: int = field(default=0)
     ep_size: int = 1
+    moe_size: int = 0
+    moe_rank: int = 0
+    moe_group: Any = None
 
     def __post_init__(self) -> None:
-        if self.ep_size < 1 or self.tp_size % self.ep_size:
-            raise ValueError(f"ep_size={self.ep_size} must divide tp_size={self.tp_size}")
+        if self.moe_size and (
+            self.moe_size % self.tp_size or not 0 <= self.moe_rank < self.moe_size
+        ):
+            raise ValueError(
+                f"moe_size={self.moe_size} must be a multiple of tp_size={self.tp_size} "
+                f"holding moe_rank={self.moe_rank}"
+            )
+        if self.ep_size < 1 or self.moe_ranks % self.ep_size:
+            name = "moe_size" if self.moe_size else "tp_size"
+            raise ValueError(f"ep_size={self.ep_size} must divide {name}={self.moe_ranks}")
+
+    @property
+    def moe_ranks(self) -> int:
+        """Ranks of the MoE group: ``moe_size``, or the TP group's when it is 0."""
+        return self.moe_size or self.tp_size
+
+    @property
+    def moe_index(self) -> int:
+        """This rank's index in the MoE group."""
+        return self.moe_rank if self.moe_size else self.tp_rank
 
     @property
     def ep_rank(self) -> int:
         """Which expert group (slice of the experts) this rank holds."""
-        return self.tp_rank // self.expert_tp_size
+        return self.moe_index // self.expert_tp_size
 
     @property
     def expert_tp_size(self) -> int:
         """Ranks sharing one expert group, splitting each expert's intermediate dim."""
-        return self.tp_size // self.ep_size
+        return self.moe_ranks // self.ep_size
 
     @property
     def expert_tp_rank(self) -> int:
-        return self.tp_rank % self.expert_tp_size
+        return self.moe_index % self.expert_tp_size
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return x
         self.num_all_reduces += 1
         dist.all_reduce(x, group=self.group)
+        return x
+
+    def moe_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The MoE combine: sums the ranks' partial expert outputs over the MoE group
+        (``all_reduce`` itself when that is the TP group)."""
+        if not self.moe_size:
+            return self.all_reduce(x)
+        if self.moe_size == 1:
+            return x
+        self.num_all_reduces += 1
+        dist.all_reduce(x, group=self.moe_group)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:

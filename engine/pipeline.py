@@ -1,10 +1,11 @@
 """Pipeline parallelism: a worker's stage, micro-batches, and the step loop of a stage.
 
-Ranks are laid out stage-major (rank = stage * tp + tp_rank); the TP ranks of one stage
-share a group, and hidden states go point-to-point from (stage s, tp_rank r) to
-(stage s + 1, tp_rank r). A step is cut into micro-batches that every rank derives the
-same way (``split_microbatches``), so a stage knows each message's shape in advance and
-stage s works on micro-batch i + 1 while stage s + 1 works on micro-batch i.
+Ranks are laid out stage-major (rank = stage * width + r, width = max(tp, ep) ranks per
+stage: ep/tp consecutive TP groups when ep > tp, which then share one MoE group); hidden
+states go point-to-point from (stage s, r) to (stage s + 1, r). A step is cut into
+micro-batches that every rank derives the same way (``split_microbatches``), so a
+stage knows each message's shape in advance and stage s works on micro-batch i + 1
+while stage s + 1 works on micro-batch i.
 """
 
 from __future__ import annotations
@@ -16,20 +17,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.layout import stage_layers
 from engine.model_runner import ModelRunner, SeqStep
 from engine.sampler import SamplerOutput
+from engine.stages import stage_layers
 
 
 @dataclass(frozen=True)
 class Stage:
-    """This rank's place in the pipeline: stage ``pp_rank`` of ``pp_size``, TP rank
-    ``tp_rank`` of ``tp_size`` within it."""
+    """This rank's place in the pipeline: stage ``pp_rank`` of ``pp_size``, rank
+    ``tp_rank`` of the stage's ``tp_size`` ranks (the TP size, or ep when ep > tp: then
+    the rank is ``tp_rank % tp`` in its TP group); ``boundaries`` split the layers into stages
+    (None: balanced; ``engine.stages.stage_layers``)."""
 
     pp_rank: int
     pp_size: int
     tp_rank: int
     tp_size: int
+    boundaries: tuple[int, ...] | None = None
 
     @property
     def is_first(self) -> bool:
@@ -50,20 +54,27 @@ class Stage:
         return (self.pp_rank + 1) * self.tp_size + self.tp_rank
 
     def layers(self, num_layers: int) -> range:
-        return stage_layers(num_layers, self.pp_size)[self.pp_rank]
+        return stage_layers(num_layers, self.pp_size, self.boundaries)[self.pp_rank]
 
 
-def stage_of(rank: int, tp: int, pp: int) -> Stage:
-    """The stage of global ``rank`` in a (tp, pp) layout; ValueError outside it."""
+def stage_of(rank: int, tp: int, pp: int, boundaries: tuple[int, ...] | None = None) -> Stage:
+    """The stage of global ``rank`` in a (tp, pp) layout whose stages split the layers
+    at ``boundaries`` (None: balanced); ValueError outside it."""
     if not 0 <= rank < tp * pp:
         raise ValueError(f"rank {rank} is outside a layout of tp={tp} x pp={pp}")
-    return Stage(rank // tp, pp, rank % tp, tp)
+    return Stage(rank // tp, pp, rank % tp, tp, boundaries)
 
 
-def tp_group_ranks(tp: int, pp: int) -> list[list[int]]:
-    """Global ranks of each stage's TP group, in the order every rank must create them
-    (``dist.new_group`` is collective over the whole world)."""
-    return [list(range(s * tp, (s + 1) * tp)) for s in range(pp)]
+def tp_group_ranks(tp: int, pp: int, width: int | None = None) -> list[list[int]]:
+    """Global ranks of every TP group, stage by stage, in the order every rank must
+    create them (``dist.new_group`` is collective over the whole world). A stage of
+    ``width`` ranks (default: tp) holds width/tp consecutive TP groups."""
+    width = tp if width is None else width
+    return [
+        list(range(s * width + g * tp, s * width + (g + 1) * tp))
+        for s in range(pp)
+        for g in range(width // tp)
+    ]
 
 
 def split_microbatches(steps: list[SeqStep], m: int) -> list[list[SeqStep]]:

@@ -3,8 +3,9 @@
 Every rank holds its shard of the model and of the KV cache and runs every step's
 forward, because the collectives inside it (two all-reduces per layer, one for the
 vocab-parallel embedding, one all-gather of the logits) must be entered by all ranks.
-Only rank 0 samples: the LM head all-gathers the logits, so rank 0 already holds them
-whole, and the block manager and the sampler state live with the driver's rank 0 view.
+Only the last stage's first rank samples: the LM head all-gathers the logits, so it
+already holds them whole, and the block manager and the sampler state live with the
+driver's view of that rank.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
-from engine.expert_parallel import expert_load
+from engine.expert_parallel import expert_load, expert_range
 from engine.memory import host_memory_bytes, num_kv_blocks
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, RuntimeInfo, SeqStep
@@ -85,13 +86,17 @@ class Worker:
         """Joins this instance's process group (gloo on CPU, NCCL on CUDA) by a TCP
         rendezvous at ``master_addr:master_port``. Blocks until all ``world_size`` ranks
         joined; raises after ``timeout_s`` (later collectives and pipeline sends use the
-        same timeout). ``tp`` (default: world_size) ranks form each pipeline stage; with
-        world_size // tp > 1 stages every rank also creates every stage's TP group."""
+        same timeout). ``tp`` (default: world_size) ranks form each TP group and
+        max(tp, ep) ranks each pipeline stage; unless the world is one TP group, every
+        rank also creates every TP group (and with ep > tp every stage's MoE group)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         tp = world_size if tp is None else tp
-        if tp < 1 or world_size % tp:
-            raise ValueError(f"tp={tp} does not divide world_size={world_size}")
+        width = max(tp, self.config.parallel.ep)
+        if tp < 1 or width % tp or world_size % width:
+            raise ValueError(
+                f"tp={tp}, ep={self.config.parallel.ep} do not tile world_size={world_size}"
+            )
         backend = "nccl" if self.config.device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(0)
@@ -102,16 +107,35 @@ class Worker:
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
-        self.stage = stage_of(rank, tp, world_size // tp)
-        if self.stage.pp_size == 1:
-            self.pc = ParallelContext(
-                rank, world_size, dist.group.WORLD, ep_size=self.config.parallel.ep
-            )
-            return
-        # new_group is collective over the world: every rank creates every group, in order.
-        groups = [dist.new_group(ranks) for ranks in tp_group_ranks(tp, self.stage.pp_size)]
-        self.pc = ParallelContext(
-            self.stage.tp_rank, tp, groups[self.stage.pp_rank], ep_size=self.config.parallel.ep
+        boundaries = self.config.parallel.pp_boundaries
+        self.stage = stage_of(rank, width, world_size // width, boundaries)
+        self.pc = self._context(rank, tp, width)
+
+    def _context(self, rank: int, tp: int, width: int) -> ParallelContext:
+        """This rank's TP group (consecutive ranks: group ``rank // tp``) and, when the
+        stage is wider than tp (ep > tp), the stage's MoE group of all its ranks."""
+        ep, stage = self.config.parallel.ep, self.stage
+        if stage.pp_size == 1 and width == tp:
+            return ParallelContext(rank, tp, dist.group.WORLD, ep_size=ep)
+        # new_group is collective over the world: every rank creates every group, in
+        # order. Groups of one rank are never used (no collective at tp=1): not made.
+        layout = tp_group_ranks(tp, stage.pp_size, width) if tp > 1 else []
+        tp_groups = [dist.new_group(ranks) for ranks in layout]
+        group = tp_groups[rank // tp] if tp_groups else None
+        if width == tp:
+            return ParallelContext(stage.tp_rank, tp, group, ep_size=ep)
+        moe_groups = [dist.group.WORLD]
+        if stage.pp_size > 1:
+            stages = [list(range(s * width, (s + 1) * width)) for s in range(stage.pp_size)]
+            moe_groups = [dist.new_group(ranks) for ranks in stages]
+        return ParallelContext(
+            stage.tp_rank % tp,
+            tp,
+            group,
+            ep_size=ep,
+            moe_size=width,
+            moe_rank=stage.tp_rank,
+            moe_group=moe_groups[stage.pp_rank],
         )
 
     def load_model(self) -> RuntimeInfo:
@@ -149,7 +173,7 @@ class Worker:
         the instance takes ``memory_fraction`` of the host whatever its tp)."""
         if self.config.device.startswith("cuda"):
             return int(torch.cuda.mem_get_info()[0])
-        return host_memory_bytes() // (self.pc.tp_size * self.stage.pp_size)
+        return host_memory_bytes() // (self.stage.tp_size * self.stage.pp_size)
 
     def _min_over_ranks(self, value: int) -> int:
         """The minimum of ``value`` over every rank of every stage (one block id space)."""
@@ -177,7 +201,7 @@ class Worker:
         if self.stage.pp_size > 1:
             microbatches = split_microbatches(steps, num_microbatches)
             return run_stage(runner, self.stage, microbatches, self.timer)
-        if self.pc.tp_rank == 0:
+        if self.stage.tp_rank == 0:  # the stage's first rank (of its first TP replica)
             return runner.execute(steps)
         runner.model(runner.build_batch(steps), runner.kv_caches)
         return None
@@ -191,8 +215,9 @@ class Worker:
         layers and KV pool (blocks, bytes per block), pipeline busy/wall seconds, and
         tokens routed to each expert (summed over MoE layers; empty for dense models)."""
         runner = self._require_runner()
+        cfg = runner.model.config
         moe: dict[str, Any] = {}
-        if runner.model.config.num_experts > 0:
+        if cfg.num_experts > 0:
             load = expert_load(runner.model, self.pc.ep_size)
             moe = {
                 "tokens_per_expert": load.tokens_per_expert,
@@ -201,7 +226,11 @@ class Worker:
         return {
             **moe,
             "ep_size": self.pc.ep_size,
-            "rank": self.stage.pp_rank * self.pc.tp_size + self.pc.tp_rank,
+            "ep_rank": self.pc.ep_rank,
+            "experts": list(expert_range(cfg.num_experts, self.pc.ep_size, self.pc.ep_rank))
+            if cfg.num_experts
+            else [],
+            "rank": self.stage.pp_rank * self.stage.tp_size + self.stage.tp_rank,
             "tp_rank": self.pc.tp_rank,
             "tp_size": self.pc.tp_size,
             "pp_rank": self.stage.pp_rank,

@@ -53,7 +53,19 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="micro-batches per step with --pp > 1 (default: one per stage)",
     )
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (not implemented yet)")
+    p.add_argument(
+        "--pp-boundaries",
+        type=pp_boundaries,
+        default=None,
+        help="first layer of stages 1..pp-1, comma-separated, e.g. 1,3 (default: balanced)",
+    )
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="expert-parallel degree for MoE models: divides tp, or a multiple of it "
+        "(then ep ranks per stage)",
+    )
     p.add_argument(
         "--address",
         default=None,
@@ -97,7 +109,11 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
             chunked_prefill=not args.no_chunked_prefill,
         ),
         parallel=ParallelConfig(
-            tp=args.tp, pp=args.pp, ep=args.ep, pp_microbatches=args.pp_microbatches
+            tp=args.tp,
+            pp=args.pp,
+            ep=args.ep,
+            pp_microbatches=args.pp_microbatches,
+            pp_boundaries=args.pp_boundaries,
         ),
     )
 
@@ -118,6 +134,16 @@ def make_llm(args: argparse.Namespace, model: str) -> LLM:
     except BaseException:
         executor.shutdown()
         raise
+
+
+def pp_boundaries(text: str) -> tuple[int, ...]:
+    """``--pp-boundaries``: comma-separated layer indices, e.g. "1,3" -> (1, 3)."""
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated layer indices, e.g. 1,3; got {text!r}"
+        ) from None
 
 
 def parse_token_ids(text: str) -> list[int]:

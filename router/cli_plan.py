@@ -14,6 +14,7 @@ from typing import Any
 
 from engine.layout import MemoryPlan, format_bytes, parse_bytes, plan_memory
 from engine.model_config import ModelConfig
+from router.cli_engine import pp_boundaries
 
 Subparsers = Any  # argparse's _SubParsersAction is private
 
@@ -54,6 +55,12 @@ def _add_memory(modes: Subparsers) -> None:
     )
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
+    p.add_argument(
+        "--pp-boundaries",
+        type=pp_boundaries,
+        default=None,
+        help="first layer of stages 1..pp-1, comma-separated, e.g. 1,3 (default: balanced)",
+    )
     p.add_argument("--context-len", type=int, default=None, help="default: max_position_embeddings")
     p.add_argument(
         "--dtype",
@@ -77,6 +84,7 @@ def _plan_memory(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         block_size=args.block_size,
         context_len=args.context_len,
+        pp_boundaries=args.pp_boundaries,
     )
     if args.json:
         print(json.dumps({"model": str(args.model), **dataclasses.asdict(plan)}))

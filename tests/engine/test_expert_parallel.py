@@ -11,6 +11,7 @@ import socket
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,6 +35,9 @@ class PartialContext(ParallelContext):
     """A rank whose all-reduce is left to the test (it sums the ranks' outputs)."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def moe_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
@@ -97,20 +101,51 @@ def test_ranks_sum_to_the_unsharded_block(tp: int, ep: int) -> None:
     assert int(ref_block.expert_tokens.sum()) == 11 * TOP_K
 
 
+@pytest.mark.parametrize(("tp", "ep"), [(1, 2), (1, 4), (2, 4)])
+def test_moe_group_wider_than_tp_sums_to_the_unsharded_block(tp: int, ep: int) -> None:
+    """ep > tp: the MoE group is a stage's ep ranks; each holds E/ep whole experts and
+    the ranks' partial outputs (summed by the MoE group's all-reduce) give the block."""
+    g = torch.Generator().manual_seed(2)
+    gate, x = torch.randn(E, H, generator=g), torch.randn(9, H, generator=g)
+    ref = make_block(ParallelContext(), gate)(x.clone())
+    pcs = [PartialContext(r % tp, tp, ep_size=ep, moe_size=ep, moe_rank=r) for r in range(ep)]
+    ranks = [make_block(pc, gate) for pc in pcs]
+    out = sum(b(x.clone()) for b in ranks)
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    for r, b in enumerate(ranks):
+        assert b.experts.w13.shape == (E // ep, 2 * INTER, H)
+        assert list(b.experts.expert_ids) == list(expert_range(E, ep, r))
+
+
 def test_expert_range_and_context() -> None:
     assert list(expert_range(8, 2, 1)) == [4, 5, 6, 7]
     pc = ParallelContext(3, 4, ep_size=2)
     assert (pc.ep_rank, pc.expert_tp_size, pc.expert_tp_rank) == (1, 2, 1)
     with pytest.raises(ValueError, match="ep_size=3 must divide tp_size=4"):
         ParallelContext(0, 4, ep_size=3)
+    # ep > tp: a separate MoE group of ep ranks, tp/ep replicas of the TP group.
+    pc = ParallelContext(0, 1, ep_size=2, moe_size=2, moe_rank=1)
+    assert (pc.ep_rank, pc.expert_tp_size, pc.expert_tp_rank) == (1, 1, 0)
+    pc = ParallelContext(1, 2, ep_size=4, moe_size=4, moe_rank=3)
+    assert (pc.ep_rank, pc.expert_tp_size, pc.expert_tp_rank) == (3, 1, 0)
+    with pytest.raises(ValueError, match="ep_size=4 must divide moe_size=2"):
+        ParallelContext(0, 1, ep_size=4, moe_size=2)
+    with pytest.raises(ValueError, match="moe_size=3 must be a multiple of tp_size=2"):
+        ParallelContext(0, 2, ep_size=3, moe_size=3)
     with pytest.raises(ValueError, match="ep_rank=2 is outside ep_size=2"):
         expert_range(8, 2, 2)
 
 
 def test_bad_ep_is_refused() -> None:
     cfg = moe_config()
-    with pytest.raises(ValueError, match="ep=2 must divide tp=1"):
-        ParallelConfig(tp=1, ep=2)
+    with pytest.raises(ValueError, match="ep=3 and tp=2: one must divide the other"):
+        ParallelConfig(tp=2, ep=3)
+    with pytest.raises(ValueError, match="ep=3 must divide tp=2 .* or be a multiple of it"):
+        validate_ep(cfg, 2, 3)
+    assert ParallelConfig(tp=1, ep=2, pp=2).world_size == 4  # ep > tp: ep ranks per stage
+    ParallelConfig(tp=1, ep=2).check_model(cfg)
+    ParallelConfig(tp=2, ep=4).check_model(cfg)
     with pytest.raises(ValueError, match="ep=3 does not divide num_experts=8"):
         validate_ep(cfg, 3, 3)
     with pytest.raises(ValueError, match="ep=2 needs a mixture-of-experts model"):
@@ -147,13 +182,13 @@ STEPS = [
 ]
 
 
-def engine_config(path: Path, tp: int = 1, ep: int = 1) -> EngineConfig:
+def engine_config(path: Path, tp: int = 1, ep: int = 1, pp: int = 1) -> EngineConfig:
     return EngineConfig(
         model=str(path),
         dtype="float32",
         num_threads=1,
         cache=CacheConfig(num_blocks=4, block_size=16),
-        parallel=ParallelConfig(tp=tp, ep=ep),
+        parallel=ParallelConfig(tp=tp, ep=ep, pp=pp),
     )
 
 
@@ -187,28 +222,59 @@ def test_gloo_tp2_ep2_matches_one_process(tmp_path: Path) -> None:
     assert got["load"] == expert_load(runner.model, ep_size=2)
 
 
-def test_ray_tp2_ep2_generates_like_tp1(tmp_path: Path, ray_cluster: None) -> None:
+@pytest.mark.parametrize(("tp", "ep", "pp"), [(2, 2, 1), (1, 2, 1), (1, 2, 2)])
+def test_ray_ep_generates_like_tp1(
+    tmp_path: Path, ray_cluster: None, tp: int, ep: int, pp: int
+) -> None:
+    """TP=2 x EP=2 (experts split within the TP group), TP=1 x EP=2 (two replicas of
+    attention, experts over both ranks) and that in 2 pipeline stages give the
+    one-process tokens and logprobs; the collectives per step are TP's plus one
+    all-reduce per MoE layer, and the per-expert load the ranks report (global over
+    their stage's layers) adds up to the one-process model's."""
     from decode.llm import LLM
     from engine.executor import RayExecutor
 
     path = make_model("qwen3_moe", "tiny", tmp_path / "moe", seed=2)
+    cfg = ModelConfig.from_pretrained(path)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
     prompts = ["Hello there, how are you", "zebra"]
-    ref = LLM(engine_config(path)).generate(prompts, params)
-    config = engine_config(path, 2, 2)
+    ref_llm = LLM(engine_config(path))
+    ref = ref_llm.generate(prompts, params)
+    config = engine_config(path, tp, ep, pp)
     llm = LLM(config, RayExecutor(config, num_cpus_per_worker=0.5))
     try:
-        executor = llm.executor
-        assert isinstance(executor, RayExecutor)
-        if {s.get("ep_size") for s in executor.stats()} != {2}:
-            pytest.skip(
-                "Worker does not apply ep yet: needs ParallelContext(..., "
-                "ep_size=self.config.parallel.ep) in Worker.init_process_group and "
-                '"ep_size": self.pc.ep_size in Worker.stats'
-            )
         for o, r in zip(llm.generate(prompts, params), ref, strict=True):
             assert o.token_ids == r.token_ids
             for lo, lr in zip(o.logprobs, r.logprobs, strict=True):
                 assert lo.logprob == pytest.approx(lr.logprob, abs=1e-4)
+        executor = llm.executor
+        assert isinstance(executor, RayExecutor)
+        _check_ep_stats(executor.stats(), cfg, tp, ep, pp, ref_llm)
     finally:
         llm.shutdown()
+
+
+def _check_ep_stats(
+    stats: list[dict[str, Any]], cfg: ModelConfig, tp: int, ep: int, pp: int, ref_llm: Any
+) -> None:
+    width = max(tp, ep)
+    assert len(stats) == width * pp
+    assert isinstance(ref_llm.executor, ModelRunner)
+    ref = expert_load(ref_llm.executor.model).tokens_per_expert
+    total = [0] * cfg.num_experts
+    for rank, s in enumerate(stats):
+        local = rank % width
+        assert (s["ep_size"], s["ep_rank"]) == (ep, local * ep // width)
+        assert s["experts"] == list(expert_range(cfg.num_experts, ep, s["ep_rank"]))
+        moe_layers = sum(cfg.is_moe_layer(i) for i in s["layers"])
+        if pp == 1:  # one forward per step (no micro-batches)
+            tp_reduces = 2 * cfg.num_layers - moe_layers + 1 if tp > 1 else 0  # + embedding
+            assert s["num_all_reduces"] == s["num_steps"] * (tp_reduces + moe_layers)
+            assert s["num_all_gathers"] == (s["num_steps"] if tp > 1 else 0)
+        elif tp == 1:  # only the MoE combines, one per MoE layer per micro-batch
+            assert s["num_all_reduces"] % moe_layers == 0 < s["num_all_reduces"]
+            assert s["num_all_gathers"] == 0
+        if local == 0:
+            total = [a + b for a, b in zip(total, s["tokens_per_expert"], strict=True)]
+    assert total == ref
+    assert sum(ref) > 0

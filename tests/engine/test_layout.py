@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.attention import get_attention_backend
-from engine.config import CacheConfig
+from engine.config import CacheConfig, ParallelConfig
 from engine.layout import (
     dtype_bytes,
     format_bytes,
@@ -115,6 +115,40 @@ def test_stage_layers_balanced() -> None:
     assert [len(r) for r in stage_layers(80, 3)] == [27, 27, 26]
     with pytest.raises(ValueError, match="pp=5"):
         stage_layers(4, 5)
+
+
+def test_stage_layers_explicit_boundaries() -> None:
+    assert [list(r) for r in stage_layers(4, 2, (1,))] == [[0], [1, 2, 3]]
+    assert [list(r) for r in stage_layers(10, 3, [2, 9])] == [[0, 1], list(range(2, 9)), [9]]
+    assert stage_layers(4, 1, ()) == [range(4)]
+    cases = [
+        ((4, 2, (0,)), r"pp_boundaries=\(0,\) must be >= 1"),
+        ((4, 2, (4,)), r"pp_boundaries=\(4,\) must be < num_hidden_layers=4"),
+        ((4, 3, (2, 2)), r"pp_boundaries=\(2, 2\) must be strictly increasing"),
+        ((4, 3, (1,)), r"pp_boundaries=\(1,\) must hold pp-1=2 layer indices"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            stage_layers(*args)
+    with pytest.raises(ValueError, match=r"pp_boundaries=\(3, 1\) must be strictly"):
+        ParallelConfig(pp=3, pp_boundaries=(3, 1))
+    with pytest.raises(ValueError, match=r"pp_boundaries=\(1,\) must hold pp-1=0"):
+        ParallelConfig(pp_boundaries=(1,))
+    with pytest.raises(ValueError, match=r"pp_boundaries=\(5,\) must be < num_hidden_layers=4"):
+        ParallelConfig(pp=2, pp_boundaries=(5,)).check_model(_cfg("llama"))
+
+
+def test_boundaries_reach_weights_and_plan() -> None:
+    cfg = _cfg("llama", "small")  # 8 layers
+    stages = [weight_bytes_per_rank(cfg, "bfloat16", 1, 2, r, boundaries=(2,)) for r in (0, 1)]
+    balanced = [weight_bytes_per_rank(cfg, "bfloat16", 1, 2, r) for r in (0, 1)]
+    assert stages[0] < balanced[0] and stages[1] > balanced[1]
+    assert sum(stages) == sum(balanced)
+    plan = plan_memory(cfg, GiB, 0.2, pp=2, dtype="bfloat16", pp_boundaries=(2,))
+    assert plan.weights_per_rank == stages[1]
+    assert plan.kv_bytes_per_token == kv_bytes_per_token(cfg, "bfloat16", 1, 6)
+    with pytest.raises(ValueError, match=r"pp_boundaries=\(8,\)"):
+        plan_memory(cfg, GiB, 0.2, pp=2, pp_boundaries=(8,))
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -117,12 +117,14 @@ def test_loader_skips_other_stages_but_checks_its_own(
         ModelRunner(config, cfg, layers=range(0, 2))
 
 
-def _check_stage_stats(executor: RayExecutor, path: Path, tp: int, m: int) -> None:
+def _check_stage_stats(
+    executor: RayExecutor, path: Path, tp: int, m: int, bounds: tuple[int, ...] | None = None
+) -> None:
     cfg = ModelConfig.from_pretrained(path)
     stats = executor.stats()
     assert len(stats) == tp * 2
     for s in stats:
-        layers = stage_layers(cfg.num_layers, 2)[s["pp_rank"]]
+        layers = stage_layers(cfg.num_layers, 2, bounds)[s["pp_rank"]]
         assert s["layers"] == list(layers)
         assert s["kv_layers"] == len(layers)
         assert s["kv_block_bytes"] == 4 * kv_bytes_per_token(cfg, "float32", tp, len(layers))
@@ -159,5 +161,22 @@ def test_pipeline_matches_single_rank(
         executor = llm.executor
         assert isinstance(executor, RayExecutor)
         _check_stage_stats(executor, path, tp, m)
+    finally:
+        llm.shutdown()
+
+
+def test_pipeline_explicit_boundaries(checkpoints: dict[str, Path], ray_cluster: None) -> None:
+    """PP=2 split at layer 1 (stages of 1 and 3 layers) gives the single-rank tokens,
+    and each rank holds the layers of its explicit stage."""
+    path = checkpoints["llama"]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=5)
+    ref = LLM(engine_config(path)).generate(PROMPTS[:2], params)
+    llm = ray_llm(path, tp=1, pp=2, parallel=ParallelConfig(pp=2, pp_boundaries=(1,)))
+    try:
+        assert_same_outputs(llm.generate(PROMPTS[:2], params), ref)
+        executor = llm.executor
+        assert isinstance(executor, RayExecutor)
+        assert [s["layers"] for s in executor.stats()] == [[0], [1, 2, 3]]
+        _check_stage_stats(executor, path, 1, 2, (1,))
     finally:
         llm.shutdown()

@@ -133,7 +133,9 @@ def test_bad_tp_is_refused_before_any_actor(
         RayExecutor(config, tp=1, pp=5)
 
 
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "layout", [["--tp", "2"], ["--pp", "2", "--pp-boundaries", "3"]], ids=["tp2", "pp2"]
+)
 def test_cli_generate_on_ray_prints_the_same(
     checkpoints: dict[str, Path],
     ray_cluster: None,

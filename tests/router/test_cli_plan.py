@@ -46,6 +46,11 @@ def test_plan_memory_json(tiny: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert got["context_len"] == cfg.max_position_embeddings == 512
     assert (got["tp"], got["pp"], got["dtype"], got["fits"]) == (1, 2, "bfloat16", True)
     assert got["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # 2 layers per stage, bf16
+    assert main([*argv, "--pp", "2", "--dtype", "bfloat16", "--pp-boundaries", "1"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["kv_bytes_per_token"] == 2 * 3 * 2 * 16 * 2  # stages of 1 and 3 layers
+    assert main([*argv, "--pp", "2", "--pp-boundaries", "4"]) == 2
+    assert "pp_boundaries=(4,) must be < num_hidden_layers=4" in capsys.readouterr().err
 
 
 def test_plan_memory_bad_tp(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
