@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from decode.llm import LLM, RequestOutput
+from decode.llm import LLM
 from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from engine.executor import RayExecutor
 from engine.layout import kv_bytes_per_token, stage_layers
@@ -22,6 +22,7 @@ from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, SeqStep
 from engine.pipeline import split_microbatches, stage_of
 from engine.sampling_params import SamplingParams
+from tests.engine.outputs import assert_same_outputs
 
 # Different lengths; the fourth shares the first's prefix (prefix-cache hits).
 PROMPTS = [
@@ -31,7 +32,6 @@ PROMPTS = [
     "Hello there, how are you doing on this fine evening",
 ]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=5)
-ATOL = 1e-4
 GREEDY = SamplingParams(temperature=0.0)
 
 
@@ -43,15 +43,6 @@ def engine_config(path: Path, **kw: Any) -> EngineConfig:
 def ray_llm(path: Path, tp: int, pp: int, **kw: Any) -> LLM:
     config = engine_config(path, **kw)
     return LLM(config, RayExecutor(config, tp=tp, pp=pp, num_cpus_per_worker=0.5))
-
-
-def assert_same_outputs(ours: list[RequestOutput], ref: list[RequestOutput]) -> None:
-    for o, r in zip(ours, ref, strict=True):
-        assert o.token_ids == r.token_ids
-        for lo, lr in zip(o.logprobs, r.logprobs, strict=True):
-            assert lo.logprob == pytest.approx(lr.logprob, abs=ATOL)
-            assert [t for t, _ in lo.top] == [t for t, _ in lr.top]
-            assert [p for _, p in lo.top] == pytest.approx([p for _, p in lr.top], abs=ATOL)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from decode.llm import LLM, RequestOutput
+from decode.llm import LLM
 from engine.config import CacheConfig, EngineConfig, ParallelConfig
 from engine.executor import RayExecutor
 from engine.layout import kv_bytes_per_token
@@ -21,10 +21,10 @@ from engine.make_model import make_model
 from engine.model_config import ModelConfig
 from engine.model_runner import SeqStep
 from engine.sampling_params import SamplingParams
+from tests.engine.outputs import assert_same_outputs
 
 PROMPTS = ["Hello there, how are you", "The quick brown fox jumps", "zebra"]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)
-ATOL = 1e-4
 
 
 def engine_config(path: Path, **kw: Any) -> EngineConfig:
@@ -35,16 +35,6 @@ def engine_config(path: Path, **kw: Any) -> EngineConfig:
 def ray_llm(path: Path, tp: int = 2, **kw: Any) -> LLM:
     config = engine_config(path, **kw)
     return LLM(config, RayExecutor(config, tp=tp, num_cpus_per_worker=0.5))
-
-
-def assert_same_outputs(ours: list[RequestOutput], ref: list[RequestOutput]) -> None:
-    for o, r in zip(ours, ref, strict=True):
-        assert o.token_ids == r.token_ids
-        assert len(o.logprobs) == len(o.token_ids) == PARAMS.max_tokens
-        for lo, lr in zip(o.logprobs, r.logprobs, strict=True):
-            assert lo.logprob == pytest.approx(lr.logprob, abs=ATOL)
-            assert [t for t, _ in lo.top] == [t for t, _ in lr.top]
-            assert [p for _, p in lo.top] == pytest.approx([p for _, p in lr.top], abs=ATOL)
 
 
 @pytest.fixture(scope="module")
