@@ -86,23 +86,22 @@ class ParallelContext:
     def expert_tp_rank(self) -> int:
         return self.moe_index % self.expert_tp_size
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
+    def _sum_over(self, x: torch.Tensor, size: int, group: Any) -> torch.Tensor:
+        if size == 1:
             return x
         self.num_all_reduces += 1
-        dist.all_reduce(x, group=self.group)
+        dist.all_reduce(x, group=group)
         return x
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self._sum_over(x, self.tp_size, self.group)
 
     def moe_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The MoE combine: sums the ranks' partial expert outputs over the MoE group
-        (``all_reduce`` itself when that is the TP group)."""
+        (the TP group unless a wider MoE group is set)."""
         if not self.moe_size:
             return self.all_reduce(x)
-        if self.moe_size == 1:
-            return x
-        self.num_all_reduces += 1
-        dist.all_reduce(x, group=self.moe_group)
-        return x
+        return self._sum_over(x, self.moe_size, self.moe_group)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
