@@ -7,6 +7,7 @@ when a ``RayExecutor`` is made, so the single-process path never pays for it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
@@ -40,6 +41,14 @@ class Executor(Protocol):
 @runtime_checkable
 class SupportsShutdown(Protocol):
     def shutdown(self) -> None: ...
+
+
+async def execute_async(executor: Executor, steps: list[SeqStep]) -> SamplerOutput:
+    """Runs one step without blocking the event loop: Ray workers are awaited, an
+    in-process runner computes in a thread (torch releases the GIL)."""
+    if isinstance(executor, RayExecutor):
+        return await executor.execute_async(steps)
+    return await asyncio.to_thread(executor.execute, steps)
 
 
 def make_executor(config: EngineConfig, model_cfg: ModelConfig) -> Executor:
@@ -190,18 +199,32 @@ class RayExecutor:
                 f"{what} on {len(refs)} workers did not finish within {timeout_s}s"
             ) from e
 
+    def _submit(self, steps: list[SeqStep]) -> list[Any]:
+        import ray
+
+        ref = ray.put(steps)  # serialized once, read by every rank
+        m = self.config.parallel.microbatches
+        return [w.execute.remote(ref, m) for w in self.workers]
+
     def execute(self, steps: list[SeqStep]) -> SamplerOutput:
         """Sends one step to every rank at once (collective) and returns the samples of
         the last stage's TP rank 0. With pp > 1 each rank cuts the step into
         ``pp_microbatches`` (``engine.pipeline.split_microbatches``). Raises
         TimeoutError after ``step_timeout_s``."""
-        import ray
+        return self._sampled(self._get(self._submit(steps), self.step_timeout_s, "execute"))
 
-        ref = ray.put(steps)  # serialized once, read by every rank
-        m = self.config.parallel.microbatches
-        outs = self._get(
-            [w.execute.remote(ref, m) for w in self.workers], self.step_timeout_s, "execute"
-        )
+    async def execute_async(self, steps: list[SeqStep]) -> SamplerOutput:
+        """``execute`` awaited on the event loop (same timeout, same result)."""
+        refs = self._submit(steps)
+        try:
+            outs = await asyncio.wait_for(asyncio.gather(*refs), self.step_timeout_s)
+        except TimeoutError as e:
+            raise TimeoutError(
+                f"execute on {len(refs)} workers did not finish within {self.step_timeout_s}s"
+            ) from e
+        return self._sampled(list(outs))
+
+    def _sampled(self, outs: list[Any]) -> SamplerOutput:
         sampler_rank = (self.pp - 1) * self.stage_size
         out = outs[sampler_rank]
         if not isinstance(out, SamplerOutput):

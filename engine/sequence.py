@@ -13,6 +13,7 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+    LEASED = "leased"  # prefilled; its blocks wait under a lease for a decode instance
 
 
 class FinishReason(str, enum.Enum):

@@ -1,4 +1,5 @@
-"""Continuous-batching scheduler: token budget, chunked prefill, preemption by recompute.
+"""Continuous-batching scheduler (colocated and decode instances; the prefill scheduler
+extends it): token budget, chunked prefill, preemption by recompute.
 
 Plain Python (no torch). Each ``schedule()`` builds one step: running sequences first
 (oldest first, decodes and unfinished prefill chunks), then waiting ones in FCFS order.
@@ -101,6 +102,20 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self._requests[seq.request_id] = seq
         self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Admits ``seq`` straight into the running queue: its prompt's KV is already in
+        the blocks the caller allocated (a KV handoff), so it decodes from the next step."""
+        if seq.request_id in self._requests:
+            raise ValueError(f"duplicate request_id {seq.request_id!r}")
+        if seq.num_computed_tokens > len(seq.block_table) * self.block_manager.block_size:
+            raise ValueError(
+                f"request {seq.request_id!r}: {seq.num_computed_tokens} computed tokens do "
+                f"not fit its {len(seq.block_table)} blocks"
+            )
+        seq.status = SequenceStatus.RUNNING
+        self._requests[seq.request_id] = seq
+        self.running.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
         """Drop a waiting or running request and free its blocks; None if unknown."""

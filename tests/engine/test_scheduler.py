@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from decode.scheduler import ScheduledBatch, Scheduler
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 
 BS = 4
@@ -54,7 +54,7 @@ def live(sched: Scheduler) -> list[Sequence]:
 
 
 def test_scheduler_modules_do_not_import_torch() -> None:
-    code = "import sys, engine.block_manager, decode.scheduler; assert 'torch' not in sys.modules"
+    code = "import sys, engine.block_manager, engine.scheduler; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
