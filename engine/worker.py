@@ -34,6 +34,9 @@ from engine.pipeline import (
     tp_group_ranks,
 )
 from engine.sampler import SamplerOutput
+from kvtransfer.blocks import KVView
+from kvtransfer.layout import KVLayout
+from kvtransfer.worker import KVTransferMixin
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -43,8 +46,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class Worker:
-    """One tensor-parallel rank. Call order: ``ready`` → ``init_process_group`` (all
+class Worker(KVTransferMixin):
+    """One tensor-parallel rank; its KV blocks move to and from other instances'
+    ranks through ``KVTransferMixin``'s methods. Call order: ``ready`` → ``init_process_group`` (all
     ranks at once) → ``load_model`` (all ranks at once) → ``execute``/``free`` (all
     ranks, same arguments, same order) → ``shutdown``."""
 
@@ -205,6 +209,14 @@ class Worker:
             return runner.execute(steps)
         runner.model(runner.build_batch(steps), runner.kv_caches)
         return None
+
+    def kv_view(self) -> KVView:
+        """This rank's KV cache with the global layers and KV heads it holds."""
+        runner = self._require_runner()
+        cfg, stage = runner.model.config, self.stage
+        layout = KVLayout(self.pc.tp_size, stage.pp_size, stage.boundaries, stage.tp_size)
+        rank = stage.pp_rank * stage.tp_size + stage.tp_rank
+        return KVView(runner.kv_caches, runner.layers, layout.kv_heads_of(rank, cfg.num_kv_heads))
 
     def free(self, request_ids: list[str]) -> None:
         """Forgets per-request state of finished requests (local; no collective)."""

@@ -87,6 +87,9 @@ def add_generate(sub: Subparsers) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="print token_ids, text, finish_reason")
     _add_engine_args(p)
+    from router.cli_cluster import add_disaggregated_args
+
+    add_disaggregated_args(p)
     p.set_defaults(run=_generate)
 
 
@@ -169,6 +172,10 @@ def _generate(args: argparse.Namespace) -> int:
     prompt: str | list[int] = (
         args.prompt if args.prompt is not None else parse_token_ids(args.prompt_token_ids)
     )
+    if args.disaggregated:
+        from router.cli_cluster import generate_disaggregated
+
+        return generate_disaggregated(args, prompt, params)
     llm = make_llm(args, args.model)
     try:
         out = llm.generate([prompt], params)[0]

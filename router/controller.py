@@ -1,0 +1,369 @@
+"""The cluster controller: starts the prefill and decode pools on Ray from a
+``ServeConfig``, drives every instance from one asyncio event loop, moves handoffs
+from prefill to decode, and streams each request's tokens to its caller.
+
+One task per instance runs its step loop. Schedulers and block managers are only ever
+touched on the event loop's thread; the forwards and the KV transfers are awaited, so
+all instances compute at once. Lifecycle timestamps (DESIGN.md) are stamped here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from decode.instance import DecodeInstance, TransferRecord
+from engine.config import EngineConfig
+from engine.core import Prompt, RequestOutput
+from engine.executor import RayExecutor, connect_ray
+from engine.sampling_params import SamplingParams
+from kvtransfer.handoff import KVSource
+from kvtransfer.transport import Transport, make_transport
+from prefill.instance import PrefillInstance
+from router.config import PoolConfig, ServeConfig
+from router.dispatch import RoundRobin
+
+log = logging.getLogger(__name__)
+_IDLE_WAIT_S = 0.5  # an idle loop still wakes this often (leases, shutdown)
+
+
+@dataclass
+class ClusterOutput:
+    """One streamed update of a request: its output so far, who serves it, the KV
+    transfer (once done) and the lifecycle timestamps (monotonic seconds)."""
+
+    output: RequestOutput
+    prefill_instance: str
+    decode_instance: str
+    timings: dict[str, float]
+    transfer: TransferRecord | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.output.finished
+
+
+@dataclass
+class _Stream:
+    prefill: PrefillInstance
+    decode: DecodeInstance
+    queue: asyncio.Queue[ClusterOutput | BaseException] = field(default_factory=asyncio.Queue)
+    timings: dict[str, float] = field(default_factory=dict)
+    transfer: TransferRecord | None = None
+
+
+class Controller:
+    """Owns the pools. ``await start()``, then ``generate(...)`` (an async iterator of
+    ``ClusterOutput``), ``abort(request_id)``, and ``await stop()``."""
+
+    def __init__(self, config: ServeConfig, model: str | None = None):
+        self.config = config
+        path = model or config.model
+        if path is None:
+            raise ValueError("the controller needs a model directory (config.model)")
+        self.model: str = path
+        self.prefill: list[PrefillInstance] = []
+        self.decode: list[DecodeInstance] = []
+        self.transport: Transport | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._owns_ray = False
+        self._stopping = False
+        self._dispatch = RoundRobin()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Starts every instance (in parallel) and their loops; returns once all are
+        ready. On failure everything started is stopped and the error raised."""
+        cfg = self.config
+        self._owns_ray = connect_ray(cfg.ray_address)
+        try:
+            name = cfg.kv.resolved_transport(cfg.device)
+            # Same-host shared memory listens nowhere; the others bind their servers.
+            options = {} if name == "local" else {"host": cfg.kv.bind_host}
+            self.transport = make_transport(name, **options)
+            prefill = [
+                asyncio.to_thread(self._make_prefill, i) for i in range(cfg.prefill.num_instances)
+            ]
+            decode = [
+                asyncio.to_thread(self._make_decode, i) for i in range(cfg.decode.num_instances)
+            ]
+            results = await asyncio.gather(*prefill, *decode, return_exceptions=True)
+            self.prefill = [r for r in results if isinstance(r, PrefillInstance)]
+            self.decode = [r for r in results if isinstance(r, DecodeInstance)]
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
+            self._check_compatible()
+        except BaseException:
+            await self.stop()
+            raise
+        for name in [p.instance_id for p in self.prefill] + [d.instance_id for d in self.decode]:
+            self._wake[name] = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._prefill_loop(p)) for p in self.prefill]
+        self._tasks += [asyncio.create_task(self._decode_loop(d)) for d in self.decode]
+
+    def _executor(self, role: str, pool: PoolConfig) -> RayExecutor:
+        return RayExecutor(
+            self._engine_config(role),
+            placement_strategy=pool.placement_strategy,
+            num_cpus_per_worker=pool.num_cpus_per_worker,
+        )
+
+    def _engine_config(self, role: str) -> EngineConfig:
+        return replace(self.config.engine_config(role), model=self.model)
+
+    def _make_prefill(self, i: int) -> PrefillInstance:
+        pool = self.config.prefill
+        executor = self._executor("prefill", pool)
+        try:
+            return PrefillInstance(
+                self._engine_config("prefill"),
+                executor,
+                instance_id=f"prefill-{i}",
+                policy=pool.policy,
+                lease_s=self.config.kv.lease_s,
+            )
+        except BaseException:
+            executor.shutdown()
+            raise
+
+    def _make_decode(self, i: int) -> DecodeInstance:
+        if self.transport is None:
+            raise RuntimeError("the transport must exist before decode instances")
+        executor = self._executor("decode", self.config.decode)
+        try:
+            return DecodeInstance(
+                self._engine_config("decode"),
+                self.transport,
+                executor,
+                instance_id=f"decode-{i}",
+                transfer_timeout_s=self.config.kv.transfer_timeout_s,
+            )
+        except BaseException:
+            executor.shutdown()
+            raise
+
+    def _check_compatible(self) -> None:
+        """Both pools must hold KV the same way (dtype, block size) to hand it over."""
+        p, d = self.prefill[0].executor.info, self.decode[0].executor.info
+        if (p.dtype, p.block_size) != (d.dtype, d.block_size):
+            raise ValueError(
+                f"prefill KV ({p.dtype}, block {p.block_size}) and decode KV "
+                f"({d.dtype}, block {d.block_size}) differ; set one dtype for both pools"
+            )
+
+    async def stop(self) -> None:
+        """Aborts every request, stops the loops, the instances and the transport."""
+        self._stopping = True
+        for rid in list(self._streams):
+            self.abort(rid)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks = []
+        insts: list[Any] = [*self.prefill, *self.decode]
+        await asyncio.gather(*(asyncio.to_thread(i.shutdown) for i in insts))
+        self.prefill, self.decode = [], []
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+            self._owns_ray = False
+
+    async def __aenter__(self) -> Controller:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[ClusterOutput]:
+        """Streams one request: the first token from its prefill instance, then each
+        decode step's update, the last one ``finished``. ValueError (naming the bad
+        value) before anything streams. Closing the iterator early aborts the request
+        wherever it is and frees its blocks on both sides."""
+        rid = self._admit(prompt, params, request_id)
+        stream = self._streams[rid]
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(rid)
+            self._streams.pop(rid, None)
+
+    def _admit(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None) -> str:
+        if not self.prefill or self._stopping:
+            raise RuntimeError("the controller is not running")
+        rid = request_id if request_id is not None else f"req-{uuid.uuid4().hex[:12]}"
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already in use")
+        p, d = self._dispatch.pick(self.prefill, self.decode)
+        ids = p.encode(prompt)
+        d.encode(ids)  # the decode instance must be able to hold it too
+        stream = _Stream(p, d)
+        stream.timings["arrived"] = stream.timings["routed"] = time.monotonic()
+        self._streams[rid] = stream
+        try:
+            p.add_request(ids, params, rid)
+        except BaseException:
+            self._streams.pop(rid)
+            raise
+        self._wake[p.instance_id].set()
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request in any phase (queued, prefilling, under lease, transferring,
+        decoding) and frees its blocks on both sides; False if unknown."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return False
+        stream.prefill.abort(request_id)
+        stream.decode.abort(request_id)
+        stream.decode.records.pop(request_id, None)
+        return True
+
+    # ------------------------------------------------------------------ loops
+
+    async def _idle(self, instance_id: str, timeout_s: float) -> None:
+        event = self._wake[instance_id]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), max(0.0, timeout_s))
+        event.clear()
+
+    async def _prefill_loop(self, inst: PrefillInstance) -> None:
+        while not self._stopping:
+            try:
+                inst.expire_leases()
+                if not inst.has_work():
+                    deadline = inst.leases.next_deadline()
+                    wait = _IDLE_WAIT_S if deadline is None else deadline - time.monotonic()
+                    await self._idle(inst.instance_id, min(wait, _IDLE_WAIT_S))
+                    continue
+                for out in await inst.step_async():
+                    self._publish(out, "prefill")
+                for handoff in inst.take_handoffs():
+                    stream = self._streams.get(handoff.request_id)
+                    if stream is None:  # gone while it prefilled
+                        inst.release(handoff.request_id)
+                        continue
+                    stream.decode.add_handoff(handoff)
+                    self._wake[stream.decode.instance_id].set()
+            except Exception as e:  # a failed step fails its instance's requests only
+                self._fail(inst.instance_id, e)
+
+    async def _decode_loop(self, inst: DecodeInstance) -> None:
+        sources: dict[str, KVSource] = {p.instance_id: p for p in self.prefill}
+        while not self._stopping:
+            try:
+                if inst.pending:
+                    for rid in await inst.admit(sources):
+                        self._on_admitted(inst, rid)
+                if inst.scheduler.has_unfinished():
+                    for out in await inst.step_async():
+                        self._publish(out, "decode")
+                else:
+                    await self._idle(inst.instance_id, _IDLE_WAIT_S)
+            except Exception as e:
+                self._fail(inst.instance_id, e)
+
+    def _on_admitted(self, inst: DecodeInstance, rid: str) -> None:
+        record = inst.records.pop(rid, None)
+        stream = self._streams.get(rid)
+        if stream is None or record is None:
+            return
+        stream.transfer = record
+        stream.timings.update(
+            transfer_start=record.start, transfer_end=record.end, decode_start=record.end
+        )
+
+    def _publish(self, out: RequestOutput, phase: str) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        t = stream.timings
+        if phase == "prefill" and out.first_scheduled_time is not None:
+            t.setdefault("prefill_start", out.first_scheduled_time)
+        if out.first_token_time is not None:
+            t.setdefault("first_token", out.first_token_time)
+        if out.finished and out.finish_time is not None:
+            t["finished"] = out.finish_time
+        stream.queue.put_nowait(
+            ClusterOutput(
+                out,
+                stream.prefill.instance_id,
+                stream.decode.instance_id,
+                dict(t),
+                stream.transfer,
+            )
+        )
+
+    def _fail(self, instance_id: str, error: Exception) -> None:
+        log.exception("instance %s failed a step", instance_id, exc_info=error)
+        for rid, stream in list(self._streams.items()):
+            if instance_id in (stream.prefill.instance_id, stream.decode.instance_id):
+                self.abort(rid)
+                stream.queue.put_nowait(RuntimeError(f"{instance_id} failed: {error}"))
+
+    # ------------------------------------------------------------------ introspection
+
+    def check_invariants(self) -> None:
+        """RuntimeError unless every instance's blocks add up and only live requests
+        hold blocks (DESIGN.md invariant 3)."""
+        for p in self.prefill:
+            p.block_manager.check_invariants(p.live_sequences())
+        for d in self.decode:
+            d.block_manager.check_invariants(d.live_sequences())
+
+    def stats(self) -> dict[str, Any]:
+        """Per instance: queue, running, leases or pending handoffs, KV blocks."""
+        out: dict[str, Any] = {}
+        for p in self.prefill:
+            out[p.instance_id] = {
+                "waiting": p.scheduler.num_waiting,
+                "running": p.scheduler.num_running,
+                "leased": len(p.leases),
+                "leases_expired": p.leases.num_expired,
+                **_blocks(p),
+            }
+        for d in self.decode:
+            out[d.instance_id] = {
+                "pending": len(d.pending),
+                "waiting": d.scheduler.num_waiting,
+                "running": d.scheduler.num_running,
+                "recomputed": d.num_recomputed,
+                "preemptions": d.scheduler.num_preemptions,
+                **_blocks(d),
+            }
+        return out
+
+
+def _blocks(inst: PrefillInstance | DecodeInstance) -> dict[str, int]:
+    s = inst.block_manager.stats()
+    return {"blocks_total": s.total, "blocks_free": s.free + s.cached, "blocks_used": s.used}

@@ -1,0 +1,55 @@
+"""ServeConfig: YAML loading, overrides, and errors that name the bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.config import ServeConfig
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "serve.yaml"
+
+
+def test_example_loads() -> None:
+    cfg = ServeConfig.from_yaml(EXAMPLE)
+    assert cfg.prefill.tp == 1 and cfg.decode.max_num_seqs == 64
+    assert cfg.kv.resolved_transport("cpu") == "gloo"
+    assert cfg.kv.resolved_transport("cuda") == "nccl"
+    assert cfg.server.port == 50051
+
+
+def test_overrides_and_engine_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\nprefill: {tp: 2, pp: 2, pp_boundaries: [1]}\nkv: {lease_s: 5}\n")
+    cfg = ServeConfig.from_yaml(path).with_overrides(**{"decode.tp": 2, "kv.transport": "grpc"})
+    assert (cfg.prefill.tp, cfg.prefill.pp, cfg.prefill.pp_boundaries) == (2, 2, (1,))
+    assert cfg.decode.tp == 2 and cfg.kv.transport == "grpc" and cfg.kv.lease_s == 5.0
+    eng = cfg.engine_config("prefill")
+    assert eng.parallel.world_size == 4 and eng.model == "m"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"prefill": {"tpp": 2}}, "unknown key 'prefill.tpp'"),
+        ({"decode": {"tp": "two"}}, "decode.tp must be int, got 'two'"),
+        ({"kv": {"transport": "carrier-pigeon"}}, "got 'carrier-pigeon'"),
+        ({"kv": {"transport": "nccl"}}, "needs device 'cuda'"),
+        ({"kv": {"lease_s": 0}}, "kv.lease_s must be > 0, got 0"),
+        ({"prefill": {"policy": "lifo"}}, "got 'lifo'"),
+        ({"decode": {"num_instances": 0}}, "num_instances must be >= 1, got 0"),
+        ({"prefill": {"pp": 2, "pp_boundaries": [0]}}, "must be >= 1"),
+        ({"server": {"port": 70000}}, "server.port must be in"),
+        ({"slo": {"tpot_s": -1}}, "slo.tpot_s must be > 0"),
+        ([1, 2], "must be a mapping"),
+    ],
+)
+def test_bad_config(data: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServeConfig.from_dict(data)  # type: ignore[arg-type]
+
+
+def test_unknown_override() -> None:
+    with pytest.raises(ValueError, match="unknown config key 'decode.tq'"):
+        ServeConfig().with_overrides(**{"decode.tq": 2})
