@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvtransfer.transport import TransferError, Transport
-
 from decode.llm import LLM
 from engine.config import EngineConfig
 from engine.executor import Executor, RayExecutor
@@ -23,6 +21,7 @@ from engine.sequence import Sequence
 from kvtransfer.handoff import Handoff, KVSource
 from kvtransfer.layout import KVLayout, KVShape
 from kvtransfer.plan import plan_transfer
+from kvtransfer.transport import TransferError, Transport
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,11 @@ class DecodeInstance(LLM):
         self.records: dict[str, TransferRecord] = {}
         self._transferring: dict[str, KVSource] = {}
         self.num_recomputed = 0
+        # Transfer metrics over the instance's life (pdserve:kv_transfer_* in the API).
+        self.transfer_bytes = 0
+        self.transfer_seconds = 0.0
+        self.num_transfers = 0
+        self.num_transfer_failures = 0
 
     @property
     def workers(self) -> list[Any]:
@@ -129,10 +133,11 @@ class DecodeInstance(LLM):
         if not bm.allocate_slots(seq, len(prompt) - num_cached, computed):
             raise RuntimeError(f"no blocks for {rid!r} although admission found room")
         record = await self._pull(handoff, source, seq, num_cached // bm.block_size)
-        self.records[rid] = record
+        self._count(record)
         if rid not in self.requests:  # aborted while the transfer ran
             bm.free(seq)
             return False
+        self.records[rid] = record
         if record.ok:
             seq.num_computed_tokens = len(prompt)
             bm.commit(seq)
@@ -188,6 +193,23 @@ class DecodeInstance(LLM):
             error=error,
         )
 
+    def _count(self, record: TransferRecord) -> None:
+        self.num_transfers += 1
+        self.transfer_bytes += record.num_bytes
+        self.transfer_seconds += record.seconds
+        self.num_transfer_failures += not record.ok
+
+    def transfer_metrics(self) -> dict[str, float]:
+        """Transfers so far: count, failures, bytes, seconds and mean GB/s."""
+        secs = self.transfer_seconds
+        return {
+            "kv_transfers": self.num_transfers,
+            "kv_transfer_failures": self.num_transfer_failures,
+            "kv_transfer_bytes": self.transfer_bytes,
+            "kv_transfer_seconds": secs,
+            "kv_transfer_gbps": self.transfer_bytes / secs / 1e9 if secs > 0 else 0.0,
+        }
+
     def abort(self, request_id: str) -> bool:
         """Stops a request queued for admission, being pulled or decoding; a queued
         handoff's lease is left to its source (the controller aborts both sides)."""
@@ -196,6 +218,16 @@ class DecodeInstance(LLM):
                 self.pending.remove(h)
                 return True
         return super().abort(request_id)
+
+    def stats(self) -> dict[str, Any]:
+        """``EngineCore.stats`` plus handoffs waiting for room, recomputed handoffs and
+        the transfer metrics."""
+        return {
+            **super().stats(),
+            "pending": len(self.pending),
+            "recomputed": self.num_recomputed,
+            **self.transfer_metrics(),
+        }
 
     def live_sequences(self) -> list[Sequence]:
         """Every sequence that holds blocks here."""

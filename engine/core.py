@@ -15,6 +15,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -167,6 +168,20 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> dict[str, Any]:
+        """Load now: queued and running requests, KV blocks (cached ones count as
+        free: they are evictable), preemptions so far."""
+        b = self.block_manager.stats()
+        return {
+            "waiting": self.scheduler.num_waiting,
+            "running": self.scheduler.num_running,
+            "preemptions": self.scheduler.num_preemptions,
+            "blocks_total": b.total,
+            "blocks_free": b.free + b.cached,
+            "blocks_used": b.used,
+            "prefix_hit_rate": b.prefix_hit_rate,
+        }
 
     # ------------------------------------------------------------------ the step loop
 

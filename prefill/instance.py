@@ -126,6 +126,14 @@ class PrefillInstance(EngineCore):
         """Prompts waiting or being computed (leases are not work)."""
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> dict[str, Any]:
+        """``EngineCore.stats`` plus the leases held and expired so far."""
+        return {
+            **super().stats(),
+            "leased": len(self.leases),
+            "leases_expired": self.leases.num_expired,
+        }
+
     def live_sequences(self) -> list[Sequence]:
         """Every sequence that holds blocks: running ones and leased ones."""
         return [*self.scheduler.running, *self.leases.items()]

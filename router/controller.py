@@ -15,10 +15,10 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from decode.instance import DecodeInstance, TransferRecord
+from decode.instance import DecodeInstance
 from engine.config import EngineConfig
 from engine.core import Prompt, RequestOutput
 from engine.executor import RayExecutor, connect_ray
@@ -28,34 +28,10 @@ from kvtransfer.transport import Transport, make_transport
 from prefill.instance import PrefillInstance
 from router.config import PoolConfig, ServeConfig
 from router.dispatch import RoundRobin
+from router.streams import ClusterOutput, RequestStream
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.5  # an idle loop still wakes this often (leases, shutdown)
-
-
-@dataclass
-class ClusterOutput:
-    """One streamed update of a request: its output so far, who serves it, the KV
-    transfer (once done) and the lifecycle timestamps (monotonic seconds)."""
-
-    output: RequestOutput
-    prefill_instance: str
-    decode_instance: str
-    timings: dict[str, float]
-    transfer: TransferRecord | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.output.finished
-
-
-@dataclass
-class _Stream:
-    prefill: PrefillInstance
-    decode: DecodeInstance
-    queue: asyncio.Queue[ClusterOutput | BaseException] = field(default_factory=asyncio.Queue)
-    timings: dict[str, float] = field(default_factory=dict)
-    transfer: TransferRecord | None = None
 
 
 class Controller:
@@ -71,7 +47,7 @@ class Controller:
         self.prefill: list[PrefillInstance] = []
         self.decode: list[DecodeInstance] = []
         self.transport: Transport | None = None
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._owns_ray = False
@@ -227,8 +203,7 @@ class Controller:
         p, d = self._dispatch.pick(self.prefill, self.decode)
         ids = p.encode(prompt)
         d.encode(ids)  # the decode instance must be able to hold it too
-        stream = _Stream(p, d)
-        stream.timings["arrived"] = stream.timings["routed"] = time.monotonic()
+        stream = RequestStream(p, d)
         self._streams[rid] = stream
         try:
             p.add_request(ids, params, rid)
@@ -296,33 +271,13 @@ class Controller:
     def _on_admitted(self, inst: DecodeInstance, rid: str) -> None:
         record = inst.records.pop(rid, None)
         stream = self._streams.get(rid)
-        if stream is None or record is None:
-            return
-        stream.transfer = record
-        stream.timings.update(
-            transfer_start=record.start, transfer_end=record.end, decode_start=record.end
-        )
+        if stream is not None and record is not None:
+            stream.on_transfer(record)
 
     def _publish(self, out: RequestOutput, phase: str) -> None:
         stream = self._streams.get(out.request_id)
-        if stream is None:
-            return
-        t = stream.timings
-        if phase == "prefill" and out.first_scheduled_time is not None:
-            t.setdefault("prefill_start", out.first_scheduled_time)
-        if out.first_token_time is not None:
-            t.setdefault("first_token", out.first_token_time)
-        if out.finished and out.finish_time is not None:
-            t["finished"] = out.finish_time
-        stream.queue.put_nowait(
-            ClusterOutput(
-                out,
-                stream.prefill.instance_id,
-                stream.decode.instance_id,
-                dict(t),
-                stream.transfer,
-            )
-        )
+        if stream is not None:
+            stream.publish(out, phase)
 
     def _fail(self, instance_id: str, error: Exception) -> None:
         log.exception("instance %s failed a step", instance_id, exc_info=error)
@@ -341,29 +296,7 @@ class Controller:
         for d in self.decode:
             d.block_manager.check_invariants(d.live_sequences())
 
-    def stats(self) -> dict[str, Any]:
-        """Per instance: queue, running, leases or pending handoffs, KV blocks."""
-        out: dict[str, Any] = {}
-        for p in self.prefill:
-            out[p.instance_id] = {
-                "waiting": p.scheduler.num_waiting,
-                "running": p.scheduler.num_running,
-                "leased": len(p.leases),
-                "leases_expired": p.leases.num_expired,
-                **_blocks(p),
-            }
-        for d in self.decode:
-            out[d.instance_id] = {
-                "pending": len(d.pending),
-                "waiting": d.scheduler.num_waiting,
-                "running": d.scheduler.num_running,
-                "recomputed": d.num_recomputed,
-                "preemptions": d.scheduler.num_preemptions,
-                **_blocks(d),
-            }
-        return out
-
-
-def _blocks(inst: PrefillInstance | DecodeInstance) -> dict[str, int]:
-    s = inst.block_manager.stats()
-    return {"blocks_total": s.total, "blocks_free": s.free + s.cached, "blocks_used": s.used}
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Every instance's load and counters (``stats()`` of each), by instance id."""
+        insts: list[PrefillInstance | DecodeInstance] = [*self.prefill, *self.decode]
+        return {i.instance_id: i.stats() for i in insts}

@@ -1,0 +1,65 @@
+"""What the controller streams back per request, and the lifecycle timestamps
+(DESIGN.md: arrived, routed, prefill_start, first_token, transfer_start,
+transfer_end, decode_start, finished) it stamps on the way."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from decode.instance import DecodeInstance, TransferRecord
+from engine.core import RequestOutput
+from prefill.instance import PrefillInstance
+
+
+@dataclass
+class ClusterOutput:
+    """One streamed update of a request: its output so far, who serves it, the KV
+    transfer (once done) and the lifecycle timestamps (monotonic seconds)."""
+
+    output: RequestOutput
+    prefill_instance: str
+    decode_instance: str
+    timings: dict[str, float]
+    transfer: TransferRecord | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.output.finished
+
+
+@dataclass
+class RequestStream:
+    """One request in flight: the pair serving it and the queue its caller reads."""
+
+    prefill: PrefillInstance
+    decode: DecodeInstance
+    queue: asyncio.Queue[ClusterOutput | BaseException] = field(default_factory=asyncio.Queue)
+    timings: dict[str, float] = field(default_factory=dict)
+    transfer: TransferRecord | None = None
+
+    def __post_init__(self) -> None:
+        self.timings["arrived"] = self.timings["routed"] = time.monotonic()
+
+    def on_transfer(self, record: TransferRecord) -> None:
+        """Stamps the KV transfer; decoding starts as soon as it is admitted."""
+        self.transfer = record
+        self.timings.update(
+            transfer_start=record.start, transfer_end=record.end, decode_start=record.end
+        )
+
+    def publish(self, out: RequestOutput, phase: str) -> None:
+        """Stamps what ``out`` tells and queues it for the caller."""
+        t = self.timings
+        if phase == "prefill" and out.first_scheduled_time is not None:
+            t.setdefault("prefill_start", out.first_scheduled_time)
+        if out.first_token_time is not None:
+            t.setdefault("first_token", out.first_token_time)
+        if out.finished and out.finish_time is not None:
+            t["finished"] = out.finish_time
+        self.queue.put_nowait(
+            ClusterOutput(
+                out, self.prefill.instance_id, self.decode.instance_id, dict(t), self.transfer
+            )
+        )
