@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint typecheck unit bench clean
+.PHONY: setup serve test lint typecheck unit bench protos clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ unit: setup
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+# The API's Python stubs, generated into protos/ (tests/protos checks they are current).
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. protos/pdserve.proto
 
 bench: setup
 	$(BIN)/python -m bench.engine

@@ -16,6 +16,7 @@ from typing import Any
 
 from decode.llm import LLM
 from engine.config import EngineConfig
+from engine.core import RequestIdInUse
 from engine.executor import Executor, RayExecutor
 from engine.sequence import Sequence
 from kvtransfer.handoff import Handoff, KVSource
@@ -89,7 +90,7 @@ class DecodeInstance(LLM):
         """Queues a prefilled request; ValueError if its id is already here."""
         rid = handoff.request_id
         if rid in self.requests or any(h.request_id == rid for h in self.pending):
-            raise ValueError(f"request id {rid!r} is already in use")
+            raise RequestIdInUse(rid)
         self.pending.append(handoff)
 
     def has_work(self) -> bool:

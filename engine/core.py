@@ -32,6 +32,14 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 Prompt = str | list[int]
 
 
+class RequestIdInUse(ValueError):
+    """A request id that an instance (or the deployment) already serves."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"request id {request_id!r} is already in use")
+        self.request_id = request_id
+
+
 @dataclass
 class RequestOutput:
     """A request's output so far (``finished`` once it stopped)."""
@@ -142,7 +150,7 @@ class EngineCore:
         the bad value, without touching any other request."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
-            raise ValueError(f"request id {rid!r} is already in use")
+            raise RequestIdInUse(rid)
         params = params or SamplingParams()
         ids = self.encode(prompt)
         if params.stop and self.tokenizer is None:

@@ -260,7 +260,9 @@ class Worker(KVTransferMixin):
         }
 
     def shutdown(self) -> None:
-        """Leaves the process group (local; the executor then kills the actor)."""
+        """Closes the KV transports (servers, pair groups, shared memory) and leaves the
+        process group (local; the executor then kills the actor)."""
+        self.close_transports()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from router import cli_engine, cli_plan
+from router import cli_engine, cli_plan, cli_serve
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     cli_engine.add_make_model(sub)
     cli_engine.add_generate(sub)
-    cli_engine.add_serve(sub)
+    cli_serve.add_serve(sub)
+    cli_serve.add_client(sub)
     cli_plan.add_plan(sub)
     return parser
 

@@ -1,4 +1,4 @@
-"""CLI subcommands that run the engine in this process: make-model, generate, serve."""
+"""CLI subcommands that run the engine in this process: make-model, generate."""
 
 from __future__ import annotations
 
@@ -192,18 +192,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_serve(sub: Subparsers) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="start the default deployment (for now: an offline demo on the built-in model)",
-    )
-    p.add_argument("--model", default=None, help="model directory (default: built-in small model)")
-    p.add_argument("--prompt", default="The quick brown fox")
-    p.add_argument("--max-tokens", type=int, default=32)
-    _add_engine_args(p)
-    p.set_defaults(run=_serve)
-
-
 def ensure_builtin_model(path: Path = DEFAULT_MODEL_DIR) -> Path:
     """The built-in small model, written on first use (random weights, real format)."""
     if not (path / "config.json").is_file():
@@ -212,20 +200,3 @@ def ensure_builtin_model(path: Path = DEFAULT_MODEL_DIR) -> Path:
         print(f"writing the built-in model to {path} ...")
         make_model("llama", "small", path, seed=0)
     return path
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from engine.sampling_params import SamplingParams
-
-    model = args.model or str(ensure_builtin_model())
-    llm = make_llm(args, model)
-    info = llm.executor.info
-    print(f"model {model}: dtype {info.dtype}, {info.num_blocks} KV blocks of {info.block_size}")
-    prompts = [args.prompt, "Once upon a time", "In a distant galaxy"]
-    try:
-        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
-    finally:
-        llm.shutdown()
-    for prompt, out in zip(prompts, outs, strict=True):
-        print(f"{prompt!r} -> {out.text!r} ({len(out.token_ids)} tokens, {out.finish_reason})")
-    return 0

@@ -14,13 +14,13 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import replace
 from typing import Any
 
 from decode.instance import DecodeInstance
 from engine.config import EngineConfig
-from engine.core import Prompt, RequestOutput
+from engine.core import Prompt, RequestIdInUse, RequestOutput
 from engine.executor import RayExecutor, connect_ray
 from engine.sampling_params import SamplingParams
 from kvtransfer.handoff import KVSource
@@ -174,7 +174,7 @@ class Controller:
         prompt: Prompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[ClusterOutput]:
+    ) -> AsyncGenerator[ClusterOutput, None]:
         """Streams one request: the first token from its prefill instance, then each
         decode step's update, the last one ``finished``. ValueError (naming the bad
         value) before anything streams. Closing the iterator early aborts the request
@@ -190,8 +190,8 @@ class Controller:
                 finished = item.finished
                 yield item
         finally:
-            if not finished:
-                self.abort(rid)
+            if not finished:  # the caller went away: nobody reads the stream any more
+                self._abort_instances(rid, stream)
             self._streams.pop(rid, None)
 
     def _admit(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None) -> str:
@@ -199,7 +199,7 @@ class Controller:
             raise RuntimeError("the controller is not running")
         rid = request_id if request_id is not None else f"req-{uuid.uuid4().hex[:12]}"
         if rid in self._streams:
-            raise ValueError(f"request id {rid!r} is already in use")
+            raise RequestIdInUse(rid)
         p, d = self._dispatch.pick(self.prefill, self.decode)
         ids = p.encode(prompt)
         d.encode(ids)  # the decode instance must be able to hold it too
@@ -215,14 +215,19 @@ class Controller:
 
     def abort(self, request_id: str) -> bool:
         """Stops a request in any phase (queued, prefilling, under lease, transferring,
-        decoding) and frees its blocks on both sides; False if unknown."""
+        decoding) and frees its blocks on both sides; its stream ends with
+        ``finish_reason`` "abort". False if unknown."""
         stream = self._streams.get(request_id)
         if stream is None:
             return False
+        self._abort_instances(request_id, stream)
+        stream.publish_abort(request_id, [])
+        return True
+
+    def _abort_instances(self, request_id: str, stream: RequestStream) -> None:
         stream.prefill.abort(request_id)
         stream.decode.abort(request_id)
         stream.decode.records.pop(request_id, None)
-        return True
 
     # ------------------------------------------------------------------ loops
 
@@ -283,7 +288,7 @@ class Controller:
         log.exception("instance %s failed a step", instance_id, exc_info=error)
         for rid, stream in list(self._streams.items()):
             if instance_id in (stream.prefill.instance_id, stream.decode.instance_id):
-                self.abort(rid)
+                self._abort_instances(rid, stream)
                 stream.queue.put_nowait(RuntimeError(f"{instance_id} failed: {error}"))
 
     # ------------------------------------------------------------------ introspection

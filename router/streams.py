@@ -38,6 +38,7 @@ class RequestStream:
     queue: asyncio.Queue[ClusterOutput | BaseException] = field(default_factory=asyncio.Queue)
     timings: dict[str, float] = field(default_factory=dict)
     transfer: TransferRecord | None = None
+    last: RequestOutput | None = None
 
     def __post_init__(self) -> None:
         self.timings["arrived"] = self.timings["routed"] = time.monotonic()
@@ -58,8 +59,27 @@ class RequestStream:
             t.setdefault("first_token", out.first_token_time)
         if out.finished and out.finish_time is not None:
             t["finished"] = out.finish_time
+        self.last = out
         self.queue.put_nowait(
             ClusterOutput(
                 out, self.prefill.instance_id, self.decode.instance_id, dict(t), self.transfer
             )
         )
+
+    def publish_abort(self, request_id: str, prompt_token_ids: list[int]) -> None:
+        """Ends the stream with ``finish_reason`` "abort" (an Abort call from elsewhere)."""
+        now = time.monotonic()
+        last = self.last
+        out = RequestOutput(
+            request_id=request_id,
+            prompt_token_ids=last.prompt_token_ids if last else prompt_token_ids,
+            token_ids=last.token_ids if last else [],
+            text=last.text if last else "",
+            finished=True,
+            finish_reason="abort",
+            num_cached_tokens=last.num_cached_tokens if last else 0,
+            arrival_time=last.arrival_time if last else self.timings["arrived"],
+            first_token_time=last.first_token_time if last else None,
+            finish_time=now,
+        )
+        self.publish(out, "abort")

@@ -1,0 +1,152 @@
+"""The gRPC frontend (grpc.aio): validates, routes through the controller and relays
+each request's stream; plus the standard health service and server reflection.
+
+A client that cancels or disconnects cancels its handler, which closes the
+controller's stream and so aborts the request wherever it is (blocks freed on both
+sides). ``serve`` runs until SIGINT/SIGTERM, then drains: health says NOT_SERVING,
+new calls are refused, calls in flight get ``drain_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.core import RequestIdInUse
+from protos import pdserve_pb2 as pb
+from protos import pdserve_pb2_grpc as pb_grpc
+from router import api
+from router.config import ServeConfig
+from router.controller import Controller
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["PDServe"].full_name
+MAX_MESSAGE_BYTES = 16 << 20  # a prompt of ~1M token ids; more is RESOURCE_EXHAUSTED
+
+
+class PDServeServicer(pb_grpc.PDServeServicer):
+    """The PDServe service on top of a started ``Controller``."""
+
+    def __init__(self, controller: Controller, config: ServeConfig):
+        self.controller = controller
+        self.config = config
+        self.max_model_len = min(d.max_model_len for d in controller.decode)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Streams token deltas, then the final result. INVALID_ARGUMENT (naming the
+        field) for bad input, ALREADY_EXISTS for a request id in use."""
+        try:
+            params = api.sampling_params(request.sampling, self.max_model_len)
+            prompt = api.prompt(request)
+            api.slo(request, self.config)
+        except api.InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        stream = self.controller.generate(prompt, params, request.request_id or None)
+        sent_tokens, sent_text = 0, 0
+        try:
+            async for update in stream:
+                out = update.output
+                rid = out.request_id
+                delta = pb.TokenDelta(
+                    token_ids=out.token_ids[sent_tokens:], text=out.text[sent_text:]
+                )
+                if out.logprobs:
+                    delta.logprobs.extend(lp.logprob for lp in out.logprobs[sent_tokens:])
+                sent_tokens, sent_text = len(out.token_ids), len(out.text)
+                yield pb.GenerateResponse(request_id=rid, delta=delta)
+                if update.finished:
+                    yield pb.GenerateResponse(request_id=rid, final=api.final_result(update))
+        except RequestIdInUse as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except ValueError as e:  # the prompt, checked against the model and the cache
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            await stream.aclose()  # aborts the request if it did not finish
+
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AbortResponse:
+        """Stops a request in any phase; ``found`` false if unknown."""
+        return pb.AbortResponse(found=self.controller.abort(request.request_id))
+
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ServerInfo:
+        """Model, pools, layouts, SLOs, transport, policy, version."""
+        return api.server_info(self.config, self.controller.model, self.max_model_len)
+
+    async def GetLoad(
+        self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.LoadReport:
+        """Per instance: queue, running, KV blocks free/used/total, leases, pending."""
+        return api.load_report(self.controller.stats())
+
+
+class Server:
+    """A started controller behind a started gRPC server; ``port`` is the bound one."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.controller = Controller(config)
+        self.health = health.aio.HealthServicer()
+        self.grpc: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        """Starts the pools, then listens on ``server.host:server.port`` (0: a free
+        port, see ``self.port``)."""
+        await self.controller.start()
+        opts = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self.grpc = grpc.aio.server(options=opts)
+        pb_grpc.add_PDServeServicer_to_server(
+            PDServeServicer(self.controller, self.config), self.grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.grpc)
+        host, port = self.config.server.host, self.config.server.port
+        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        await self.grpc.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, drain_s: float = 5.0) -> None:
+        """Drains (NOT_SERVING, no new calls, ``drain_s`` for those in flight), then
+        stops the pools."""
+        await self.health.enter_graceful_shutdown()
+        if self.grpc is not None:
+            await self.grpc.stop(drain_s)
+            self.grpc = None
+        await self.controller.stop()
+
+
+async def serve(config: ServeConfig, drain_s: float = 5.0) -> None:
+    """Runs a server until SIGINT or SIGTERM, then drains and stops cleanly."""
+    server = Server(config)
+    await server.start()
+    print(
+        f"pdserve: serving {server.controller.model} on {config.server.host}:{server.port}",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        print("pdserve: draining ...", flush=True)
+    finally:
+        await server.stop(drain_s)
+        print("pdserve: stopped", flush=True)
