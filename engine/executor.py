@@ -69,7 +69,8 @@ def _ray_temp_dir() -> str:
 
 
 def connect_ray(address: str | None) -> bool:
-    """Reuses an initialized Ray, else connects to ``address``, else starts a local
+    """Reuses an initialized Ray, else connects to ``address`` (or, inside a ``ray job
+    submit`` job, to the job's cluster: ``RAY_ADDRESS`` is set), else starts a local
     cluster (no dashboard). Returns whether this call connected (and so should
     disconnect at the end)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -77,6 +78,8 @@ def connect_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = "auto"
     if address is not None:
         ray.init(address=address)
     else:
