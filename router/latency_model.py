@@ -83,7 +83,7 @@ class LatencyModel:
         *,
         window: int = 256,
         refit_every: int = 16,
-        prior_weight: float = 0.01,
+        prior_weight: float = 1e-3,
     ):
         options: dict[str, Any] = {
             "window": window,

@@ -8,10 +8,11 @@ every support (7 subsets; the best feasible unconstrained solution on a support 
 optimum).
 
 A prior (the default coefficients, or the last ``fit``) enters as weighted
-pseudo-samples at a few spread-out points, so one sample, or samples that all sit at
-one point, still give sane coefficients: the data decide what they can, the prior the
-rest. Online refinement keeps a ring buffer of the last ``window`` rows and refits
-every ``refit_every`` observations (O(1) per observation, amortized). No torch.
+pseudo-samples at a few spread-out points, so badly spread data still extrapolate
+sanely; when the window cannot pin down three coefficients at all (one sample, or all
+samples on a line) the fit only rescales the prior to the data. Online refinement
+keeps a ring buffer of the last ``window`` rows and refits every ``refit_every``
+observations (O(1) per observation, amortized). No torch.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
 
-# Every non-empty subset of the three coefficients, as index lists.
-_SUPPORTS = [[i for i in range(3) if mask >> i & 1] for mask in range(1, 8)]
+# Every non-empty subset of the three coefficients, as index lists, largest first.
+_SUPPORTS = sorted(
+    ([i for i in range(3) if mask >> i & 1] for mask in range(1, 8)), key=len, reverse=True
+)
 
 
 @dataclass(frozen=True)
@@ -59,26 +62,63 @@ def check_features(x1: float, x2: float) -> None:
         raise ValueError(f"features must be finite and >= 0, got ({x1!r}, {x2!r})")
 
 
-def nnls3(gram: FloatArray, rhs: FloatArray) -> FloatArray | None:
+def solve_small(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """``x`` with ``a·x = b`` for a tiny dense system (Gaussian elimination with partial
+    pivoting, pure Python: faster than numpy at this size); None when singular."""
+    n = len(b)
+    m = [[*row, rhs] for row, rhs in zip(a, b, strict=True)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for k in range(col, n + 1):
+                m[r][k] -= f * m[col][k]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x
+
+
+def _scaled(gram: FloatArray) -> tuple[list[list[float]], list[float]]:
+    """The Jacobi-scaled Gram matrix (unit diagonal) as lists, and the scales."""
+    gl: list[list[float]] = gram.tolist()
+    scale = [math.sqrt(gl[i][i]) if gl[i][i] > 0 else 1.0 for i in range(3)]
+    return [[gl[i][j] / (scale[i] * scale[j]) for j in range(3)] for i in range(3)], scale
+
+
+def nnls3(gram: FloatArray, rhs: FloatArray) -> list[float] | None:
     """argmin over θ ≥ 0 of ``θᵀGθ − 2hᵀθ`` for a 3×3 Gram matrix; None when no support
-    gives a feasible decrease (never the case when ``h[0] > 0``)."""
-    scale = np.sqrt(np.diag(gram))
-    scale[scale == 0] = 1.0
-    g = gram / np.outer(scale, scale)
-    h = rhs / scale
-    best: FloatArray | None = None
+    gives a decrease (never the case when ``h[0] > 0``). Solved on the Jacobi-scaled
+    system (features differ by orders of magnitude); the full support first, which is
+    the answer whenever it is feasible."""
+    g, scale = _scaled(gram)
+    h = [v / s for v, s in zip(rhs.tolist(), scale, strict=True)]
+    best: list[float] | None = None
     best_value = 0.0
     for support in _SUPPORTS:
-        sub = g[np.ix_(support, support)]
-        u = np.linalg.lstsq(sub, h[support], rcond=None)[0]
-        if (u < -1e-12).any():
+        u = solve_small([[g[i][j] for j in support] for i in support], [h[i] for i in support])
+        if u is None or min(u) < -1e-12:
             continue
-        theta = np.zeros(3)
-        theta[support] = np.maximum(u, 0.0)
-        value = float(theta @ g @ theta - 2 * h @ theta)
+        value = -sum(h[i] * max(ui, 0.0) for i, ui in zip(support, u, strict=True))
         if value < best_value - 1e-15:
-            best, best_value = theta, value
-    return None if best is None else best / scale
+            best, best_value = [0.0, 0.0, 0.0], value
+            for i, ui in zip(support, u, strict=True):
+                best[i] = max(ui, 0.0) / scale[i]
+            if len(support) == 3:
+                break
+    return best
+
+
+def full_rank(gram: FloatArray) -> bool:
+    """Whether a 3×3 Gram matrix has rank 3: the determinant of its Jacobi-scaled form
+    (1 for orthogonal features, 0 for collinear ones) is not negligible."""
+    if min(gram[i, i] for i in range(3)) <= 0:
+        return False
+    (a, b, c), (_, e, f), (_, _, i) = _scaled(gram)[0]
+    return a * (e * i - f * f) - b * (b * i - f * c) + c * (b * f - e * c) > 1e-10
 
 
 class StepModel:
@@ -92,7 +132,7 @@ class StepModel:
         *,
         window: int = 256,
         refit_every: int = 16,
-        prior_weight: float = 0.01,
+        prior_weight: float = 1e-3,
     ):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -172,12 +212,24 @@ class StepModel:
         self._stored = min(self._stored + 1, self.window)
 
     def refit(self) -> Coefficients:
-        """Refits on the window plus the prior; keeps the old fit if the solve fails."""
-        z = self._rows[: self._stored]
-        theta = nnls3(self._prior_gram + z.T @ z, self._prior_rhs + z.sum(axis=0))
+        """Refits on the window plus the prior. When the window cannot pin down all
+        three coefficients (fewer than three independent points) it only rescales the
+        prior to the data; keeps the old fit if the solve fails."""
         self._since_fit = 0
-        if theta is not None:
-            self.coefficients = Coefficients(float(theta[0]), float(theta[1]), float(theta[2]))
+        if self._stored == 0:
+            self.coefficients = self.prior
+            return self.prior
+        z = self._rows[: self._stored]
+        gram = z.T @ z
+        p = self.prior
+        if full_rank(gram):
+            theta = nnls3(self._prior_gram + gram, self._prior_rhs + z.sum(axis=0))
+            if theta is not None:
+                self.coefficients = Coefficients(*theta)
+            return self.coefficients
+        q = z @ np.array([p.a, p.b, p.c])  # prior / observed, per row
+        s = float(q.sum() / (q @ q))
+        self.coefficients = Coefficients(p.a * s, p.b * s, p.c * s)
         return self.coefficients
 
     def relative_error(self) -> float | None:
