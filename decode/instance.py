@@ -71,7 +71,7 @@ class DecodeInstance(LLM):
         self.shape = KVShape(m.num_layers, m.num_kv_heads, m.head_dim, info.block_size, info.dtype)
         self.pending: deque[Handoff] = deque()
         self.records: dict[str, TransferRecord] = {}
-        self._transferring: dict[str, KVSource] = {}
+        self.transferring: dict[str, KVSource] = {}
         self.num_recomputed = 0
         # Transfer metrics over the instance's life (pdserve:kv_transfer_* in the API).
         self.transfer_bytes = 0
@@ -97,7 +97,7 @@ class DecodeInstance(LLM):
         return bool(self.pending) or self.scheduler.has_unfinished()
 
     def _room_for(self, handoff: Handoff) -> bool:
-        seqs = self.scheduler.num_running + self.scheduler.num_waiting + len(self._transferring)
+        seqs = self.scheduler.num_running + self.scheduler.num_waiting + len(self.transferring)
         # One spare block per running sequence keeps admission from forcing preemption.
         needed = self.block_manager.num_blocks_for(len(handoff.prompt_token_ids) + 1)
         spare = self.scheduler.num_running
@@ -167,7 +167,7 @@ class DecodeInstance(LLM):
         dst_blocks = seq.block_table[cached_blocks:n]
         start = time.monotonic()
         num_bytes, error = 0, ""
-        self._transferring[rid] = source
+        self.transferring[rid] = source
         try:
             if not source.claim(rid, self.transfer_timeout_s + 5.0):
                 raise TransferError(f"the lease on {rid!r} at {handoff.source} is gone")
@@ -179,7 +179,7 @@ class DecodeInstance(LLM):
         except (TransferError, TimeoutError, ValueError) as e:
             error = f"{type(e).__name__}: {e}"
         finally:
-            self._transferring.pop(rid, None)
+            self.transferring.pop(rid, None)
             source.release(rid)  # the acknowledgement (or giving up): the source frees
         return TransferRecord(
             rid,

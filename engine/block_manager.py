@@ -117,13 +117,26 @@ class BlockManager:
                 f"request {seq.request_id!r} already holds blocks "
                 f"(block_table={seq.block_table}, num_computed_tokens={seq.num_computed_tokens})"
             )
+        blocks = self._cached_blocks(seq.token_ids)
+        bs = self.block_size
+        if blocks and len(blocks) * bs == len(seq):
+            blocks.pop()
+        return blocks, len(blocks) * bs
+
+    def cached_prefix_tokens(self, token_ids: SequenceABC[int]) -> int:
+        """How many leading tokens of ``token_ids`` a new sequence would find cached now
+        (a read-only look, e.g. for a router comparing instances)."""
+        return len(self._cached_blocks(token_ids)) * self.block_size
+
+    def _cached_blocks(self, token_ids: SequenceABC[int]) -> list[int]:
+        """The cached full blocks that hold ``token_ids``'s longest prefix, in order."""
         if not self.enable_prefix_caching:
-            return [], 0
+            return []
         bs = self.block_size
         blocks: list[int] = []
         parent: int | None = None
-        for start in range(0, len(seq) - len(seq) % bs, bs):
-            tokens = tuple(seq.token_ids[start : start + bs])
+        for start in range(0, len(token_ids) - len(token_ids) % bs, bs):
+            tokens = tuple(token_ids[start : start + bs])
             h = hash_block_tokens(parent, tokens)
             bid = self._hash_to_block.get(h)
             # Tokens and parent are compared so that a hash collision is a miss.
@@ -131,9 +144,7 @@ class BlockManager:
                 break
             blocks.append(bid)
             parent = h
-        if blocks and len(blocks) * bs == len(seq):
-            blocks.pop()
-        return blocks, len(blocks) * bs
+        return blocks
 
     def allocate_slots(
         self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] | None = None

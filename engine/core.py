@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,14 @@ from engine.config import EngineConfig
 from engine.executor import Executor, SupportsShutdown, execute_async, make_executor
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, SeqStep
+from engine.requests import (
+    PlannedStep,
+    Request,
+    RequestIdInUse,
+    RequestOutput,
+    StepStats,
+    step_stats,
+)
 from engine.sampler import SamplerOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
@@ -29,52 +36,9 @@ from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
 from engine.stopping import check_stop
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
+__all__ = ["EngineCore", "Prompt", "RequestIdInUse", "RequestOutput", "StepStats"]
+
 Prompt = str | list[int]
-
-
-class RequestIdInUse(ValueError):
-    """A request id that an instance (or the deployment) already serves."""
-
-    def __init__(self, request_id: str):
-        super().__init__(f"request id {request_id!r} is already in use")
-        self.request_id = request_id
-
-
-@dataclass
-class RequestOutput:
-    """A request's output so far (``finished`` once it stopped)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finished: bool
-    finish_reason: str | None
-    num_cached_tokens: int
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    arrival_time: float = 0.0
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    finish_time: float | None = None
-
-
-@dataclass
-class Request:
-    """An instance's bookkeeping for one request next to its ``Sequence``."""
-
-    seq: Sequence
-    detok: IncrementalDetokenizer | None
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    finish_time: float | None = None
-
-
-@dataclass
-class PlannedStep:
-    """One step between ``schedule_step`` and ``process_step``."""
-
-    batch: ScheduledBatch
-    steps: list[SeqStep]
 
 
 class EngineCore:
@@ -102,6 +66,7 @@ class EngineCore:
         )
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.last_step: StepStats | None = None  # the latest forward, for latency models
 
     @property
     def runner(self) -> ModelRunner:
@@ -227,14 +192,19 @@ class EngineCore:
         planned = self.schedule_step()
         if planned is None:
             return []
-        return self.process_step(planned, self.executor.execute(planned.steps))
+        t0 = time.perf_counter()
+        out = self.executor.execute(planned.steps)
+        self.last_step = step_stats(planned.steps, time.perf_counter() - t0)
+        return self.process_step(planned, out)
 
     async def step_async(self) -> list[RequestOutput]:
         """``step`` with the forward awaited, so that an event loop serves meanwhile."""
         planned = self.schedule_step()
         if planned is None:
             return []
+        t0 = time.perf_counter()
         out = await execute_async(self.executor, planned.steps)
+        self.last_step = step_stats(planned.steps, time.perf_counter() - t0)
         return self.process_step(planned, out)
 
     def _to_steps(self, batch: ScheduledBatch) -> list[SeqStep]:

@@ -9,7 +9,8 @@ import json
 from typing import Any
 
 from router.cli_engine import Subparsers, ensure_builtin_model
-from router.config import ROUTER_POLICIES, TRANSPORTS, ServeConfig
+from router.config import TRANSPORTS, ServeConfig
+from router.policies import POLICY_NAMES
 
 # flag -> dotted ServeConfig key; a flag left unset keeps the YAML's (or default) value.
 _OVERRIDES = {
@@ -42,7 +43,7 @@ def add_serve(sub: Subparsers) -> None:
         p.add_argument(f"--{role}-tp", type=int, default=None)
         p.add_argument(f"--{role}-pp", type=int, default=None)
     p.add_argument("--transport", choices=TRANSPORTS, default=None)
-    p.add_argument("--policy", choices=ROUTER_POLICIES, default=None)
+    p.add_argument("--policy", choices=POLICY_NAMES, default=None)
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
     p.add_argument("--host", default=None, help="default 127.0.0.1")

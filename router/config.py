@@ -19,9 +19,9 @@ import yaml
 from engine.config import DTYPES, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from engine.executor import PLACEMENT_STRATEGIES
 from prefill.scheduler import PREFILL_POLICIES
+from router.policies import Policy, make_policy
 
 TRANSPORTS = ("auto", "gloo", "nccl", "grpc", "local")
-ROUTER_POLICIES = ("round_robin",)
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,48 @@ class KVTransferConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """How requests are dispatched to a (prefill, decode) pair."""
+    """How each request gets its (prefill, decode) pair (router/policies.py):
+    ``policy`` round_robin | least_loaded | slo_aware; ``on_slo_miss`` serve | reject
+    (reject: RESOURCE_EXHAUSTED at once when no pair is predicted to meet the SLOs);
+    ``local_prefill_max_tokens`` > 0 lets slo_aware prefill a prompt with at most that
+    many uncached tokens on the decode instance itself when predicted better (0: off);
+    ``transfer_in`` where the KV transfer's time counts (ttft | tpot); the latency
+    models start from a short profiling run (``profile_at_start``) and are refitted
+    every ``latency_refit_every`` steps over the last ``latency_window``."""
 
-    policy: str = "round_robin"
+    policy: str = "slo_aware"
+    on_slo_miss: str = "serve"
+    local_prefill_max_tokens: int = 0
+    transfer_in: str = "ttft"
+    transfer_gbps: float = 0.5  # KV transfer bandwidth assumed until measured
+    expected_output_len: int = 128
+    latency_window: int = 256
+    latency_refit_every: int = 16
+    profile_at_start: bool = True
+    profile_repeats: int = 2
 
     def __post_init__(self) -> None:
-        if self.policy not in ROUTER_POLICIES:
-            raise ValueError(f"router.policy must be one of {ROUTER_POLICIES}, got {self.policy!r}")
+        self.make_policy()
+        for name in ("expected_output_len", "latency_window", "latency_refit_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"router.{name} must be >= 1, got {getattr(self, name)}")
+        if self.profile_repeats < 1:
+            raise ValueError(f"router.profile_repeats must be >= 1, got {self.profile_repeats}")
+
+    def make_policy(self) -> Policy:
+        """The configured policy; ValueError naming a bad policy or option."""
+        if self.transfer_gbps <= 0:
+            raise ValueError(f"router.transfer_gbps must be > 0, got {self.transfer_gbps}")
+        options: dict[str, Any] = {
+            "on_slo_miss": self.on_slo_miss,
+            "transfer_in": self.transfer_in,
+            "bandwidth": self.transfer_gbps * 1e9,
+        }
+        if self.policy == "slo_aware":
+            options["local_prefill_max_tokens"] = self.local_prefill_max_tokens
+        elif self.local_prefill_max_tokens:
+            raise ValueError("router.local_prefill_max_tokens needs policy slo_aware")
+        return make_policy(self.policy, **options)
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,16 @@ from kvtransfer.handoff import KVSource
 from kvtransfer.transport import Transport, make_transport
 from prefill.instance import PrefillInstance
 from router.config import PoolConfig, ServeConfig
-from router.dispatch import RoundRobin
+from router.routing import Router
 from router.streams import ClusterOutput, RequestStream
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.5  # an idle loop still wakes this often (leases, shutdown)
+
+
+class SLOUnattainable(Exception):
+    """Admission rejected a request: no pair is predicted to meet its SLOs
+    (``router.on_slo_miss: reject``); the API answers RESOURCE_EXHAUSTED."""
 
 
 class Controller:
@@ -52,7 +57,12 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []
         self._owns_ray = False
         self._stopping = False
-        self._dispatch = RoundRobin()
+        self.router = Router(config.router)
+        self._prefill_by_id: dict[str, PrefillInstance] = {}
+        self._decode_by_id: dict[str, DecodeInstance] = {}
+        self._kv_bytes_per_token = 0
+        # Per decode instance: requests routed to it still prefilling elsewhere, tokens.
+        self._routed: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -79,6 +89,14 @@ class Controller:
             if errors:
                 raise errors[0]
             self._check_compatible()
+            self._prefill_by_id = {p.instance_id: p for p in self.prefill}
+            self._decode_by_id = {d.instance_id: d for d in self.decode}
+            shape = self.decode[0].shape
+            self._kv_bytes_per_token = (
+                shape.head_block_bytes // shape.block_size * shape.num_kv_heads * shape.num_layers
+            )
+            if cfg.router.profile_at_start:
+                await self._profile()
         except BaseException:
             await self.stop()
             raise
@@ -86,6 +104,15 @@ class Controller:
             self._wake[name] = asyncio.Event()
         self._tasks = [asyncio.create_task(self._prefill_loop(p)) for p in self.prefill]
         self._tasks += [asyncio.create_task(self._decode_loop(d)) for d in self.decode]
+
+    async def _profile(self) -> None:
+        """Fits every instance's latency model from a short synthetic run, one instance
+        at a time (they share the machine's cores here, a cluster's GPUs elsewhere)."""
+        local = self.config.router.local_prefill_max_tokens > 0
+        for p in self.prefill:
+            await asyncio.to_thread(self.router.profile, p.instance_id, p, True, False)
+        for d in self.decode:
+            await asyncio.to_thread(self.router.profile, d.instance_id, d, local, True)
 
     def _executor(self, role: str, pool: PoolConfig) -> RayExecutor:
         return RayExecutor(
@@ -174,12 +201,15 @@ class Controller:
         prompt: Prompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        slo: tuple[float, float] | None = None,
     ) -> AsyncGenerator[ClusterOutput, None]:
         """Streams one request: the first token from its prefill instance, then each
-        decode step's update, the last one ``finished``. ValueError (naming the bad
-        value) before anything streams. Closing the iterator early aborts the request
-        wherever it is and frees its blocks on both sides."""
-        rid = self._admit(prompt, params, request_id)
+        decode step's update, the last one ``finished``. ``slo`` (ttft_s, tpot_s)
+        overrides the deployment's. ValueError (naming the bad value) and
+        ``SLOUnattainable`` (rejected by admission) come before anything streams.
+        Closing the iterator early aborts the request wherever it is and frees its
+        blocks on both sides."""
+        rid = self._admit(prompt, params or SamplingParams(), request_id, slo)
         stream = self._streams[rid]
         finished = False
         try:
@@ -192,26 +222,53 @@ class Controller:
         finally:
             if not finished:  # the caller went away: nobody reads the stream any more
                 self._abort_instances(rid, stream)
+            self._await_decode(stream, False)
             self._streams.pop(rid, None)
 
-    def _admit(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None) -> str:
+    def _admit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None,
+        slo: tuple[float, float] | None,
+    ) -> str:
         if not self.prefill or self._stopping:
             raise RuntimeError("the controller is not running")
         rid = request_id if request_id is not None else f"req-{uuid.uuid4().hex[:12]}"
         if rid in self._streams:
             raise RequestIdInUse(rid)
-        p, d = self._dispatch.pick(self.prefill, self.decode)
-        ids = p.encode(prompt)
-        d.encode(ids)  # the decode instance must be able to hold it too
-        stream = RequestStream(p, d)
+        ids = self.prefill[0].encode(prompt)
+        self.decode[0].encode(ids)  # the decode instances must be able to hold it too
+        targets = slo or (self.config.slo.ttft_s, self.config.slo.tpot_s)
+        decision = self.router.decide(
+            ids, params, targets, self.prefill, self.decode, self._kv_bytes_per_token, self._routed
+        )
+        if not decision.admit:
+            raise SLOUnattainable(f"request {rid!r} rejected: {decision.reason}")
+        d = self._decode_by_id[decision.decode_id]
+        p = self._prefill_by_id[decision.prefill_id] if decision.prefill_id else None
+        stream = RequestStream(p, d, prompt_len=len(ids))
         self._streams[rid] = stream
         try:
-            p.add_request(ids, params, rid)
+            if p is None:  # conditional disaggregation: prefilled on the decode instance
+                d.add_request(ids, params, rid)
+            else:
+                p.add_request(ids, params, rid)
+                self._await_decode(stream, True)
         except BaseException:
             self._streams.pop(rid)
             raise
-        self._wake[p.instance_id].set()
+        self._wake[(p or d).instance_id].set()
         return rid
+
+    def _await_decode(self, stream: RequestStream, waiting: bool) -> None:
+        """Counts (or stops counting) ``stream`` against its decode instance's load."""
+        if stream.awaiting_decode == waiting:
+            return
+        stream.awaiting_decode = waiting
+        sign = 1 if waiting else -1
+        n, tokens = self._routed.get(stream.decode.instance_id, (0, 0))
+        self._routed[stream.decode.instance_id] = (n + sign, tokens + sign * stream.prompt_len)
 
     def abort(self, request_id: str) -> bool:
         """Stops a request in any phase (queued, prefilling, under lease, transferring,
@@ -225,7 +282,8 @@ class Controller:
         return True
 
     def _abort_instances(self, request_id: str, stream: RequestStream) -> None:
-        stream.prefill.abort(request_id)
+        if stream.prefill is not None:
+            stream.prefill.abort(request_id)
         stream.decode.abort(request_id)
         stream.decode.records.pop(request_id, None)
 
@@ -246,7 +304,9 @@ class Controller:
                     wait = _IDLE_WAIT_S if deadline is None else deadline - time.monotonic()
                     await self._idle(inst.instance_id, min(wait, _IDLE_WAIT_S))
                     continue
-                for out in await inst.step_async():
+                outs = await inst.step_async()
+                self.router.observe(inst.instance_id, inst.last_step)
+                for out in outs:
                     self._publish(out, "prefill")
                 for handoff in inst.take_handoffs():
                     stream = self._streams.get(handoff.request_id)
@@ -254,6 +314,7 @@ class Controller:
                         inst.release(handoff.request_id)
                         continue
                     stream.decode.add_handoff(handoff)
+                    self._await_decode(stream, False)
                     self._wake[stream.decode.instance_id].set()
             except Exception as e:  # a failed step fails its instance's requests only
                 self._fail(inst.instance_id, e)
@@ -266,7 +327,9 @@ class Controller:
                     for rid in await inst.admit(sources):
                         self._on_admitted(inst, rid)
                 if inst.scheduler.has_unfinished():
-                    for out in await inst.step_async():
+                    outs = await inst.step_async()
+                    self.router.observe(inst.instance_id, inst.last_step)
+                    for out in outs:
                         self._publish(out, "decode")
                 else:
                     await self._idle(inst.instance_id, _IDLE_WAIT_S)
@@ -287,7 +350,7 @@ class Controller:
     def _fail(self, instance_id: str, error: Exception) -> None:
         log.exception("instance %s failed a step", instance_id, exc_info=error)
         for rid, stream in list(self._streams.items()):
-            if instance_id in (stream.prefill.instance_id, stream.decode.instance_id):
+            if instance_id in (stream.prefill_id, stream.decode.instance_id):
                 self._abort_instances(rid, stream)
                 stream.queue.put_nowait(RuntimeError(f"{instance_id} failed: {error}"))
 

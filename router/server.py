@@ -24,7 +24,7 @@ from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
 from router import api
 from router.config import ServeConfig
-from router.controller import Controller
+from router.controller import Controller, SLOUnattainable
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["PDServe"].full_name
@@ -47,10 +47,10 @@ class PDServeServicer(pb_grpc.PDServeServicer):
         try:
             params = api.sampling_params(request.sampling, self.max_model_len)
             prompt = api.prompt(request)
-            api.slo(request, self.config)
+            slo = api.slo(request, self.config)
         except api.InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        stream = self.controller.generate(prompt, params, request.request_id or None)
+        stream = self.controller.generate(prompt, params, request.request_id or None, slo)
         sent_tokens, sent_text = 0, 0
         try:
             async for update in stream:
@@ -67,6 +67,8 @@ class PDServeServicer(pb_grpc.PDServeServicer):
                     yield pb.GenerateResponse(request_id=rid, final=api.final_result(update))
         except RequestIdInUse as e:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except SLOUnattainable as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ValueError as e:  # the prompt, checked against the model and the cache
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:

@@ -51,6 +51,11 @@ class Candidate(NamedTuple):
     room: bool
 
 
+def _meets(c: Candidate) -> bool:
+    """Both SLOs met, with room (the worst normalised latency is at most 1)."""
+    return c.room and c.key[0] <= 1.0
+
+
 def _side(
     slo: float, estimates: list[tuple[float, bool]]
 ) -> tuple[list[float], list[float], list[float]]:
@@ -99,8 +104,10 @@ class SloAware(Policy):
             check_pools(prefill, decode)
         best = self._best_remote(request, prefill, decode) if prefill else None
         if self.local_prefill_max_tokens:
+            # A short prompt that meets its SLOs where it will decode stays there (as in
+            # Dynamo): no transfer, and the prefill pool keeps its capacity for long ones.
             local = self._best_local(request, decode)
-            if local is not None and (best is None or local.key < best.key):
+            if local is not None and (best is None or local.key < best.key or _meets(local)):
                 best = local
         if best is None:
             raise ValueError(

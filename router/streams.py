@@ -33,15 +33,22 @@ class ClusterOutput:
 class RequestStream:
     """One request in flight: the pair serving it and the queue its caller reads."""
 
-    prefill: PrefillInstance
+    prefill: PrefillInstance | None  # None: prefilled on the decode instance itself
     decode: DecodeInstance
     queue: asyncio.Queue[ClusterOutput | BaseException] = field(default_factory=asyncio.Queue)
     timings: dict[str, float] = field(default_factory=dict)
     transfer: TransferRecord | None = None
     last: RequestOutput | None = None
+    prompt_len: int = 0
+    awaiting_decode: bool = False  # routed to ``decode``, not handed over yet
 
     def __post_init__(self) -> None:
         self.timings["arrived"] = self.timings["routed"] = time.monotonic()
+
+    @property
+    def prefill_id(self) -> str:
+        """The instance that computed the prompt."""
+        return self.decode.instance_id if self.prefill is None else self.prefill.instance_id
 
     def on_transfer(self, record: TransferRecord) -> None:
         """Stamps the KV transfer; decoding starts as soon as it is admitted."""
@@ -55,15 +62,17 @@ class RequestStream:
         t = self.timings
         if phase == "prefill" and out.first_scheduled_time is not None:
             t.setdefault("prefill_start", out.first_scheduled_time)
-        if out.first_token_time is not None:
-            t.setdefault("first_token", out.first_token_time)
+        if out.first_token_time is not None and "first_token" not in t:
+            t["first_token"] = out.first_token_time
+            if self.prefill is None:  # prefilled here: no transfer, decoding follows
+                if out.first_scheduled_time is not None:
+                    t.setdefault("prefill_start", out.first_scheduled_time)
+                t["decode_start"] = out.first_token_time
         if out.finished and out.finish_time is not None:
             t["finished"] = out.finish_time
         self.last = out
         self.queue.put_nowait(
-            ClusterOutput(
-                out, self.prefill.instance_id, self.decode.instance_id, dict(t), self.transfer
-            )
+            ClusterOutput(out, self.prefill_id, self.decode.instance_id, dict(t), self.transfer)
         )
 
     def publish_abort(self, request_id: str, prompt_token_ids: list[int]) -> None:

@@ -13,7 +13,7 @@ import pytest
 from decode.llm import LLM
 from engine.config import CacheConfig, EngineConfig
 from engine.sampling_params import SamplingParams
-from router.config import KVTransferConfig, PoolConfig, ServeConfig
+from router.config import KVTransferConfig, PoolConfig, RouterConfig, ServeConfig
 from router.controller import ClusterOutput, Controller
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -35,7 +35,9 @@ PAIRS = {
 }
 
 
-def serve_config(model: Path, pair: str, transport: str, lease_s: float = 30.0) -> ServeConfig:
+def serve_config(
+    model: Path, pair: str, transport: str, lease_s: float = 30.0, profile: bool = False
+) -> ServeConfig:
     (ptp, ppp), (dtp, dpp) = PAIRS[pair]
     pool = {"num_blocks": 48, "num_threads": 1, "num_cpus_per_worker": 0.25}
     return ServeConfig(
@@ -44,6 +46,7 @@ def serve_config(model: Path, pair: str, transport: str, lease_s: float = 30.0) 
         prefill=PoolConfig(tp=ptp, pp=ppp, max_num_batched_tokens=64, **pool),  # type: ignore[arg-type]
         decode=PoolConfig(tp=dtp, pp=dpp, **pool),  # type: ignore[arg-type]
         kv=KVTransferConfig(transport=transport, lease_s=lease_s, transfer_timeout_s=20.0),
+        router=RouterConfig(profile_at_start=profile),
     )
 
 

@@ -71,9 +71,9 @@ def test_abort_during_transfer_frees_both_sides(tiny_llama: Path, ray_cluster: N
             gen = c.generate(LONG, GREEDY, request_id="victim")
             first = await gen.__anext__()  # the first token: prefill is done
             assert first.output.token_ids and not first.finished
-            await wait_until(lambda: "victim" in decode._transferring)
+            await wait_until(lambda: "victim" in decode.transferring)
             await gen.aclose()  # the client goes away mid-transfer
-            await wait_until(lambda: not decode._transferring)
+            await wait_until(lambda: not decode.transferring)
             await asyncio.sleep(0.05)
             assert_clean(c)
             # The deployment still serves, token for token.

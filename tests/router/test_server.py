@@ -46,7 +46,8 @@ class Running:
 
 @pytest.fixture(scope="module")
 def server(tiny_llama: Path, ray_cluster: None) -> Iterator[Running]:
-    cfg = serve_config(tiny_llama, "1-1", "local").with_overrides(**{"server.port": 0})
+    cfg = serve_config(tiny_llama, "1-1", "local", profile=True)
+    cfg = cfg.with_overrides(**{"server.port": 0})
     running = Running(Server(cfg))
     yield running
     running.stop()
