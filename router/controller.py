@@ -15,18 +15,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import replace
 from typing import Any
 
 from decode.instance import DecodeInstance
-from engine.config import EngineConfig
 from engine.core import Prompt, RequestIdInUse, RequestOutput
-from engine.executor import RayExecutor, connect_ray
+from engine.executor import connect_ray
 from engine.sampling_params import SamplingParams
 from kvtransfer.handoff import KVSource
 from kvtransfer.transport import Transport, make_transport
 from prefill.instance import PrefillInstance
-from router.config import PoolConfig, ServeConfig
+from router.config import ServeConfig
+from router.pools import Pools
 from router.routing import Router
 from router.streams import ClusterOutput, RequestStream
 
@@ -58,6 +57,7 @@ class Controller:
         self._owns_ray = False
         self._stopping = False
         self.router = Router(config.router)
+        self._pools: Pools | None = None
         self._prefill_by_id: dict[str, PrefillInstance] = {}
         self._decode_by_id: dict[str, DecodeInstance] = {}
         self._kv_bytes_per_token = 0
@@ -76,19 +76,9 @@ class Controller:
             # Same-host shared memory listens nowhere; the others bind their servers.
             options = {} if name == "local" else {"host": cfg.kv.bind_host}
             self.transport = make_transport(name, **options)
-            prefill = [
-                asyncio.to_thread(self._make_prefill, i) for i in range(cfg.prefill.num_instances)
-            ]
-            decode = [
-                asyncio.to_thread(self._make_decode, i) for i in range(cfg.decode.num_instances)
-            ]
-            results = await asyncio.gather(*prefill, *decode, return_exceptions=True)
-            self.prefill = [r for r in results if isinstance(r, PrefillInstance)]
-            self.decode = [r for r in results if isinstance(r, DecodeInstance)]
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                raise errors[0]
-            self._check_compatible()
+            self._pools = Pools(cfg, self.model, self.transport)
+            await self._pools.start()
+            self.prefill, self.decode = self._pools.prefill, self._pools.decode
             self._prefill_by_id = {p.instance_id: p for p in self.prefill}
             self._decode_by_id = {d.instance_id: d for d in self.decode}
             shape = self.decode[0].shape
@@ -114,56 +104,6 @@ class Controller:
         for d in self.decode:
             await asyncio.to_thread(self.router.profile, d.instance_id, d, local, True)
 
-    def _executor(self, role: str, pool: PoolConfig) -> RayExecutor:
-        return RayExecutor(
-            self._engine_config(role),
-            placement_strategy=pool.placement_strategy,
-            num_cpus_per_worker=pool.num_cpus_per_worker,
-        )
-
-    def _engine_config(self, role: str) -> EngineConfig:
-        return replace(self.config.engine_config(role), model=self.model)
-
-    def _make_prefill(self, i: int) -> PrefillInstance:
-        pool = self.config.prefill
-        executor = self._executor("prefill", pool)
-        try:
-            return PrefillInstance(
-                self._engine_config("prefill"),
-                executor,
-                instance_id=f"prefill-{i}",
-                policy=pool.policy,
-                lease_s=self.config.kv.lease_s,
-            )
-        except BaseException:
-            executor.shutdown()
-            raise
-
-    def _make_decode(self, i: int) -> DecodeInstance:
-        if self.transport is None:
-            raise RuntimeError("the transport must exist before decode instances")
-        executor = self._executor("decode", self.config.decode)
-        try:
-            return DecodeInstance(
-                self._engine_config("decode"),
-                self.transport,
-                executor,
-                instance_id=f"decode-{i}",
-                transfer_timeout_s=self.config.kv.transfer_timeout_s,
-            )
-        except BaseException:
-            executor.shutdown()
-            raise
-
-    def _check_compatible(self) -> None:
-        """Both pools must hold KV the same way (dtype, block size) to hand it over."""
-        p, d = self.prefill[0].executor.info, self.decode[0].executor.info
-        if (p.dtype, p.block_size) != (d.dtype, d.block_size):
-            raise ValueError(
-                f"prefill KV ({p.dtype}, block {p.block_size}) and decode KV "
-                f"({d.dtype}, block {d.block_size}) differ; set one dtype for both pools"
-            )
-
     async def stop(self) -> None:
         """Aborts every request, stops the loops, the instances and the transport."""
         self._stopping = True
@@ -175,8 +115,9 @@ class Controller:
             with contextlib.suppress(BaseException):
                 await task
         self._tasks = []
-        insts: list[Any] = [*self.prefill, *self.decode]
-        await asyncio.gather(*(asyncio.to_thread(i.shutdown) for i in insts))
+        if self._pools is not None:
+            await self._pools.shutdown()
+            self._pools = None
         self.prefill, self.decode = [], []
         if self.transport is not None:
             self.transport.close()
