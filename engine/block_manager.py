@@ -39,6 +39,17 @@ def hash_block_tokens(parent_hash: int | None, token_ids: SequenceABC[int]) -> i
     return int.from_bytes(h.digest(), "little")
 
 
+def block_hashes(token_ids: SequenceABC[int], block_size: int) -> list[int]:
+    """The chained hashes of every full block of ``token_ids`` (computed once, then
+    looked up in any number of block managers: ``cached_prefix_tokens``)."""
+    hashes: list[int] = []
+    parent: int | None = None
+    for start in range(0, len(token_ids) - len(token_ids) % block_size, block_size):
+        parent = hash_block_tokens(parent, token_ids[start : start + block_size])
+        hashes.append(parent)
+    return hashes
+
+
 @dataclass(frozen=True)
 class BlockStats:
     """A snapshot of block usage; free + cached + used == total."""
@@ -123,21 +134,26 @@ class BlockManager:
             blocks.pop()
         return blocks, len(blocks) * bs
 
-    def cached_prefix_tokens(self, token_ids: SequenceABC[int]) -> int:
+    def cached_prefix_tokens(
+        self, token_ids: SequenceABC[int], hashes: SequenceABC[int] | None = None
+    ) -> int:
         """How many leading tokens of ``token_ids`` a new sequence would find cached now
-        (a read-only look, e.g. for a router comparing instances)."""
-        return len(self._cached_blocks(token_ids)) * self.block_size
+        (a read-only look, e.g. for a router comparing instances). ``hashes``:
+        ``block_hashes(token_ids, block_size)`` when already computed."""
+        return len(self._cached_blocks(token_ids, hashes)) * self.block_size
 
-    def _cached_blocks(self, token_ids: SequenceABC[int]) -> list[int]:
+    def _cached_blocks(
+        self, token_ids: SequenceABC[int], hashes: SequenceABC[int] | None = None
+    ) -> list[int]:
         """The cached full blocks that hold ``token_ids``'s longest prefix, in order."""
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
         blocks: list[int] = []
         parent: int | None = None
-        for start in range(0, len(token_ids) - len(token_ids) % bs, bs):
+        for i, start in enumerate(range(0, len(token_ids) - len(token_ids) % bs, bs)):
             tokens = tuple(token_ids[start : start + bs])
-            h = hash_block_tokens(parent, tokens)
+            h = hashes[i] if hashes is not None else hash_block_tokens(parent, tokens)
             bid = self._hash_to_block.get(h)
             # Tokens and parent are compared so that a hash collision is a miss.
             if bid is None or self._tokens[bid] != tokens or self._parent[bid] != parent:

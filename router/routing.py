@@ -8,6 +8,7 @@ import time
 from collections.abc import Mapping
 
 from decode.instance import DecodeInstance
+from engine.block_manager import block_hashes
 from engine.core import EngineCore, StepStats
 from engine.model_runner import SeqStep
 from engine.sampling_params import SamplingParams
@@ -28,6 +29,10 @@ class Router:
         self.config = config
         self.policy = config.make_policy()
         self.models: dict[str, LatencyModel] = {}
+        # Views are rebuilt only after their instance stepped; decisions in between
+        # update them with ``plus`` (so a burst between two steps still spreads out).
+        self._prefill_views: dict[str, PrefillView] = {}
+        self._decode_views: dict[str, DecodeView] = {}
 
     def model(self, instance_id: str) -> LatencyModel:
         """The instance's latency model (the prior until it is fitted)."""
@@ -38,7 +43,10 @@ class Router:
         return self.models[instance_id]
 
     def observe(self, instance_id: str, stats: StepStats | None) -> None:
-        """Refines the instance's model with one step (pure prefill or pure decode)."""
+        """Refines the instance's model with one step (pure prefill or pure decode) and
+        marks its view stale."""
+        self._prefill_views.pop(instance_id, None)
+        self._decode_views.pop(instance_id, None)
         if stats is None or stats.seconds <= 0:
             return
         if stats.prefill_lengths and not stats.num_decodes:
@@ -62,9 +70,12 @@ class Router:
         per decode instance, the requests (and prompt tokens) already sent its way that
         are still prefilling elsewhere: its batch will hold them too."""
         routed = routed or {}
-        cached = {p.instance_id: p.block_manager.cached_prefix_tokens(token_ids) for p in prefill}
+        hashes = block_hashes(token_ids, decode[0].block_manager.block_size) if decode else []
+        cached = {
+            p.instance_id: p.block_manager.cached_prefix_tokens(token_ids, hashes) for p in prefill
+        }
         for d in decode:
-            cached[d.instance_id] = d.block_manager.cached_prefix_tokens(token_ids)
+            cached[d.instance_id] = d.block_manager.cached_prefix_tokens(token_ids, hashes)
         request = RouteRequest(
             prompt_len=len(token_ids),
             ttft_s=slo[0],
@@ -73,12 +84,22 @@ class Router:
             expected_output_len=min(params.max_tokens, self.config.expected_output_len),
             cached_tokens=cached,
         )
-        decode_views = [self._decode_view(d, routed.get(d.instance_id, (0, 0))) for d in decode]
-        return self.policy.decide(request, [self._prefill_view(p) for p in prefill], decode_views)
+        pviews = [self._prefill_view(p) for p in prefill]
+        dviews = [self._decode_view(d, routed.get(d.instance_id, (0, 0))) for d in decode]
+        decision = self.policy.decide(request, pviews, dviews)
+        if decision.admit:
+            p_id, d_id = decision.prefill_id, decision.decode_id
+            if p_id is not None:
+                self._prefill_views[p_id] = self._prefill_views[p_id].plus(request)
+            self._decode_views[d_id] = self._decode_views[d_id].plus(request, p_id is None)
+        return decision
 
     def _prefill_view(self, p: PrefillInstance) -> PrefillView:
+        view = self._prefill_views.get(p.instance_id)
+        if view is not None:
+            return view
         queued = [*p.scheduler.waiting, *p.scheduler.running]
-        return PrefillView(
+        view = PrefillView(
             instance_id=p.instance_id,
             queued_prefill_tokens=sum(s.num_uncomputed_tokens for s in queued),
             queued_requests=len(queued),
@@ -87,10 +108,15 @@ class Router:
             model=self.model(p.instance_id),
             max_num_batched_tokens=p.config.scheduler.max_num_batched_tokens,
         )
+        self._prefill_views[p.instance_id] = view
+        return view
 
     def _decode_view(self, d: DecodeInstance, routed: tuple[int, int]) -> DecodeView:
+        view = self._decode_views.get(d.instance_id)
+        if view is not None:
+            return view
         running = d.scheduler.running
-        return DecodeView(
+        view = DecodeView(
             instance_id=d.instance_id,
             batch_size=len(running),
             context_tokens=sum(len(s) for s in running),
@@ -102,6 +128,8 @@ class Router:
             pending_tokens=sum(len(h.prompt_token_ids) for h in d.pending) + routed[1],
             local_prefill_tokens=sum(s.num_uncomputed_tokens for s in d.scheduler.waiting),
         )
+        self._decode_views[d.instance_id] = view
+        return view
 
     def profile(self, instance_id: str, inst: EngineCore, prefill: bool, decode: bool) -> None:
         """Fits the instance's model from a short run of synthetic steps on its workers
