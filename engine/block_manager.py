@@ -230,7 +230,8 @@ class BlockManager:
         """Release all of ``seq``'s blocks and reset its progress to 0 tokens.
 
         Blocks are released tail first, so the LRU evicts a sequence's tail before the
-        prefix that other requests are more likely to share.
+        prefix that other requests are more likely to share. The sequence gets a new
+        (empty) list, so that a holder of the old one can tell its table was reset.
         """
         for bid in reversed(seq.block_table):
             if self._ref[bid] <= 0:
@@ -241,7 +242,7 @@ class BlockManager:
                     self._cached[bid] = None
                 else:
                     self._free.append(bid)
-        seq.block_table.clear()
+        seq.block_table = []
         seq.num_computed_tokens = 0
         self._commit_pos.pop(seq.request_id, None)
 

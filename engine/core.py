@@ -22,6 +22,7 @@ from engine.executor import Executor, SupportsShutdown, execute_async, make_exec
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, SeqStep
 from engine.requests import (
+    BlockTableDiffs,
     PlannedStep,
     Request,
     RequestIdInUse,
@@ -67,6 +68,7 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.last_step: StepStats | None = None  # the latest forward, for latency models
+        self._tables = BlockTableDiffs()
 
     @property
     def runner(self) -> ModelRunner:
@@ -136,8 +138,13 @@ class EngineCore:
             return False
         if not req.seq.is_finished:
             self.scheduler.abort(request_id)
-        self.executor.free([request_id])
+        self.free_request_state([request_id])
         return True
+
+    def free_request_state(self, request_ids: list[str]) -> None:
+        """Forgets finished requests on every rank (sampler state, block tables)."""
+        self._tables.forget(request_ids)
+        self.executor.free(request_ids)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -212,14 +219,16 @@ class EngineCore:
         for i, seq in enumerate(batch.seqs):
             start = seq.num_computed_tokens
             n = batch.num_tokens[i]
+            table, appended = self._tables.diff(seq.request_id, seq.block_table)
             steps.append(
                 SeqStep(
                     seq.request_id,
                     seq.token_ids[start : start + n],
                     start,
-                    seq.block_table,
+                    table,
                     batch.needs_sample(i),
                     seq.params,
+                    appended,
                 )
             )
         return steps
@@ -257,7 +266,7 @@ class EngineCore:
         req.finish_time = now
         if req.detok is not None:
             req.detok.flush()
-        self.executor.free([seq.request_id])
+        self.free_request_state([seq.request_id])
         return self._output(req)
 
     def _output(self, req: Request) -> RequestOutput:

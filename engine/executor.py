@@ -20,6 +20,7 @@ from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, RuntimeInfo, SeqStep
 from engine.sampler import SamplerOutput
 from engine.worker import Worker
+from kvtransfer.worker import remote_class
 
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 # Ray's unix sockets live under the temp dir: sun_path holds ~107 bytes and Ray appends
@@ -170,7 +171,9 @@ class RayExecutor:
                 f"placement group of {self.world_size} bundles {bundle} ({strategy}) was not "
                 f"placed within {timeout_s}s; available: {ray.available_resources()}"
             ) from e
-        actor = ray.remote(Worker)
+        # The KV-transfer methods run in their own concurrency group (kvtransfer.worker),
+        # so a transfer never waits for a step of the same worker, nor a step for it.
+        actor = remote_class(Worker)
         self.workers = [
             actor.options(
                 num_cpus=bundle["CPU"],
@@ -178,6 +181,9 @@ class RayExecutor:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.placement_group, placement_group_bundle_index=rank
                 ),
+                # Fewer malloc arenas: gRPC KV pulls from many threads otherwise run at
+                # half speed until glibc has grown one arena per thread.
+                runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}},
             ).remote(self.config)
             for rank in range(self.world_size)
         ]

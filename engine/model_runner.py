@@ -24,7 +24,11 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 @dataclass
 class SeqStep:
     """One sequence's share of a step: the tokens to compute from ``start_pos`` on, its
-    block table, and whether to sample its next token."""
+    block table, and whether to sample its next token.
+
+    Per-step messages are diffs (DESIGN.md): with ``appended`` set, ``block_table``
+    holds only the block ids added since the runner last saw this request, which it
+    appends to the table it keeps; otherwise ``block_table`` is the whole table."""
 
     request_id: str
     token_ids: list[int]
@@ -32,6 +36,7 @@ class SeqStep:
     block_table: list[int]
     sample: bool
     params: SamplingParams
+    appended: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class ModelRunner:
         self.info = RuntimeInfo(dtype, num_blocks, block_size, max_len)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
+        self.block_tables: dict[str, list[int]] = {}  # kept across steps (diffs)
 
     def _free_memory(self) -> int:
         if self.device.type == "cuda":
@@ -148,27 +154,41 @@ class ModelRunner:
         return self.generators[step.request_id]
 
     def free(self, request_ids: list[str]) -> None:
-        """Forgets per-request state (sampling generators) of finished requests."""
+        """Forgets per-request state (sampling generators, block tables)."""
         for rid in request_ids:
             self.generators.pop(rid, None)
+            self.block_tables.pop(rid, None)
+
+    def _table(self, step: SeqStep) -> list[int]:
+        """The request's whole block table after applying this step's part of it."""
+        if not step.appended:
+            whole = self.block_tables[step.request_id] = list(step.block_table)
+            return whole
+        table = self.block_tables.get(step.request_id)
+        if table is None:
+            raise ValueError(f"block ids appended to {step.request_id!r}, whose table is unknown")
+        table.extend(step.block_table)
+        return table
 
     def build_batch(self, steps: list[SeqStep]) -> ForwardBatch:
+        """The batch tensors of ``steps``; applies their block-table diffs (call it once
+        per step on each rank)."""
         bs = self.info.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        logits_idx: list[int] = []
         prefill = [s for s in steps if len(s.token_ids) > 1]
         decode = [s for s in steps if len(s.token_ids) == 1]
         if steps != prefill + decode:
             raise ValueError("steps must list prefill entries before single-token decodes")
+        tables = [self._table(s) for s in steps]
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        logits_idx: list[int] = []
         cu = [0]
-        for s in steps:
+        for s, table in zip(steps, tables, strict=True):
             n = len(s.token_ids)
             ids.extend(s.token_ids)
             positions = range(s.start_pos, s.start_pos + n)
             pos.extend(positions)
-            table = s.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in positions)
             if s.sample:
                 logits_idx.append(len(ids) - 1)
@@ -185,13 +205,13 @@ class ModelRunner:
             num_prefill_tokens=cu[-1],
             prefill_cu_seqlens_q=tensor(cu),
             prefill_context_lens=tensor([s.start_pos + len(s.token_ids) for s in prefill]),
-            prefill_block_tables=self._tables(prefill),
+            prefill_block_tables=self._tables(tables[: len(prefill)]),
             decode_context_lens=tensor([s.start_pos + 1 for s in decode]),
-            decode_block_tables=self._tables(decode),
+            decode_block_tables=self._tables(tables[len(prefill) :]),
             logits_indices=tensor(logits_idx, torch.int64),
         )
 
-    def _tables(self, steps: list[SeqStep]) -> torch.Tensor:
-        width = max((len(s.block_table) for s in steps), default=0)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in steps]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device).reshape(len(steps), width)
+    def _tables(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max((len(t) for t in tables), default=0)
+        rows = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device).reshape(len(tables), width)

@@ -72,3 +72,25 @@ def step_stats(steps: list[SeqStep], seconds: float) -> StepStats:
     decodes = [s for s in steps if len(s.token_ids) == 1]
     context = sum(s.start_pos + 1 for s in decodes)
     return StepStats(prefill, len(decodes), context, seconds)
+
+
+class BlockTableDiffs:
+    """The driver's side of the per-step block-table diffs: what each runner already
+    holds. A table that only grew since the last step is sent as its new ids; a reset
+    one (``BlockManager.free`` gives the sequence a new list, e.g. on preemption) or an
+    unseen one is sent whole."""
+
+    def __init__(self) -> None:
+        self._sent: dict[str, tuple[list[int], int]] = {}
+
+    def diff(self, request_id: str, table: list[int]) -> tuple[list[int], bool]:
+        """(block ids to send, whether they are appended to what was sent before)."""
+        prev = self._sent.get(request_id)
+        self._sent[request_id] = (table, len(table))
+        if prev is not None and prev[0] is table and len(table) >= prev[1]:
+            return table[prev[1] :], True
+        return list(table), False
+
+    def forget(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._sent.pop(rid, None)

@@ -69,7 +69,7 @@ class PrefillInstance(EngineCore):
             return self._finish(seq, reason, now)
         req = self.requests.pop(seq.request_id)
         self.scheduler.detach(seq)
-        self.executor.free([seq.request_id])
+        self.free_request_state([seq.request_id])
         deadline = self.leases.grant(seq.request_id, seq, now)
         self._handoffs.append(
             Handoff(
