@@ -93,10 +93,16 @@ def test_ray_job_submit_serves(head: str, tiny_llama: Path, tmp_path: Path) -> N
         "decode: {num_blocks: 48, num_cpus_per_worker: 0.25}\n"
         f"kv: {{transport: grpc}}\nserver: {{port: {port}}}\n"
     )
-    submit = ray_cli(
-        "job", "submit", "--address", head, "--working-dir", ".", "--no-wait", "--",
-        "python", "-m", "router.cli", "serve", "--config", str(config),
-    )  # fmt: skip
+    # The dashboard answers before its job agent is up ("No available agent"): retry.
+    args = ["job", "submit", "--address", head, "--working-dir", ".", "--no-wait", "--"]
+    args += ["python", "-m", "router.cli", "serve", "--config", str(config)]
+    deadline = time.monotonic() + 90
+    submit = ray_cli(*args)
+    while submit.returncode and "No available agent" in submit.stderr:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(2.0)
+        submit = ray_cli(*args)
     assert submit.returncode == 0, submit.stderr
     job = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr)
     assert job is not None, submit.stdout
