@@ -29,7 +29,12 @@ import torch.distributed as dist
 
 from kvtransfer.blocks import KVView, MoveIO, slab, split_pieces
 from kvtransfer.layout import Move
-from kvtransfer.transport import Transport, WorkerHandle, actor_key, both_ends
+from kvtransfer.transport import (
+    KeyedChannelTransport,
+    WorkerHandle,
+    actor_key,
+    both_ends,
+)
 from kvtransfer.wire import check_geometry, geometry, refused
 
 DEFAULT_MAX_BYTES = 4 << 20
@@ -186,7 +191,7 @@ class DistGroups:
             self._store = None
 
 
-class DistTransport(Transport):
+class DistTransport(KeyedChannelTransport):
     """Pair groups of torch.distributed (``gloo`` on CPU tensors, ``nccl`` on CUDA)."""
 
     def __init__(
@@ -203,7 +208,6 @@ class DistTransport(Transport):
         self.host = host
         self.max_bytes = max_bytes
         self._stores: dict[str, tuple[str, int]] = {}
-        self._channels: dict[tuple[str, str], tuple[DistChannel, WorkerHandle, WorkerHandle]] = {}
 
     async def _pair(
         self,
@@ -228,14 +232,6 @@ class DistTransport(Transport):
         written = dst.recv_blocks.remote(ch, moves, timeout)
         return await both_ends(sent, written)
 
-    def _drop_pair(self, pair: tuple[str, str], src: WorkerHandle, dst: WorkerHandle) -> None:
-        entry = self._channels.pop(pair, None)
-        if entry is not None:
-            src.drop_channel.remote(entry[0].key)
-            dst.drop_channel.remote(entry[0].key)
-
     def close(self) -> None:
         super().close()
-        for pair, (_, src, dst) in list(self._channels.items()):
-            self._drop_pair(pair, src, dst)
         self._stores.clear()

@@ -37,7 +37,12 @@ import torch
 
 from kvtransfer.blocks import KVView, MoveIO, Piece, slab, split_pieces
 from kvtransfer.layout import Move
-from kvtransfer.transport import Transport, WorkerHandle, actor_key, both_ends
+from kvtransfer.transport import (
+    KeyedChannelTransport,
+    WorkerHandle,
+    actor_key,
+    both_ends,
+)
 from kvtransfer.wire import check_geometry, geometry, refused
 
 START, ACK, PIECE, FREE = 1, 2, 3, 4
@@ -225,7 +230,7 @@ class LocalChannels:
             self.drop(key)
 
 
-class LocalTransport(Transport):
+class LocalTransport(KeyedChannelTransport):
     """Same-host transfers through shared memory (or Ray's object store)."""
 
     name = "local"
@@ -237,7 +242,6 @@ class LocalTransport(Transport):
         if slots < 1 or slot_bytes < 1:
             raise ValueError(f"slots and slot_bytes must be >= 1, got {slots}, {slot_bytes}")
         self.slots, self.slot_bytes, self.via = slots, slot_bytes, via
-        self._channels: dict[tuple[str, str], tuple[LocalEndpoint, WorkerHandle, WorkerHandle]] = {}
 
     async def _pair(
         self,
@@ -264,14 +268,3 @@ class LocalTransport(Transport):
         sent = src.local_send.remote(ep.key, moves, timeout)
         written = dst.local_recv.remote(ep, moves, timeout)
         return await both_ends(sent, written)
-
-    def _drop_pair(self, pair: tuple[str, str], src: WorkerHandle, dst: WorkerHandle) -> None:
-        entry = self._channels.pop(pair, None)
-        if entry is not None:
-            src.drop_channel.remote(entry[0].key)
-            dst.drop_channel.remote(entry[0].key)
-
-    def close(self) -> None:
-        super().close()
-        for pair, (_, src, dst) in list(self._channels.items()):
-            self._drop_pair(pair, src, dst)

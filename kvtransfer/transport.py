@@ -209,6 +209,27 @@ async def _settle(tasks: Sequence[asyncio.Future[int]], grace_s: float) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class KeyedChannelTransport(Transport):
+    """A transport whose rank pairs talk over a channel both workers know by ``key``
+    (a pair group, a shared-memory ring): ``_channels`` maps a pair to (channel, src,
+    dst); dropping a pair tells both workers to drop that key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._channels: dict[tuple[str, str], tuple[Any, WorkerHandle, WorkerHandle]] = {}
+
+    def _drop_pair(self, pair: tuple[str, str], src: WorkerHandle, dst: WorkerHandle) -> None:
+        entry = self._channels.pop(pair, None)
+        if entry is not None:
+            src.drop_channel.remote(entry[0].key)
+            dst.drop_channel.remote(entry[0].key)
+
+    def close(self) -> None:
+        super().close()
+        for pair, (_, src, dst) in list(self._channels.items()):
+            self._drop_pair(pair, src, dst)
+
+
 def _cause(e: BaseException) -> str:
     """A worker's error without Ray's wrapping (RayTaskError keeps it as ``cause``)."""
     cause = getattr(e, "cause", None)
