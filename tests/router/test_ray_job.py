@@ -51,6 +51,16 @@ def head() -> Iterator[str]:
     cmd = ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}"]
     cmd += ["--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=4"]
     cmd += [f"--temp-dir={tmp}", "--include-dashboard=true", "--disable-usage-stats"]
+    # Ports Ray would otherwise take at fixed defaults, which another Ray on this
+    # machine (the test session's own cluster) already holds: the job agent's above all.
+    for flag in (
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+        "ray-client-server-port",
+    ):
+        cmd.append(f"--{flag}={free_port()}")
     proc = subprocess.Popen(cmd, env=ray_env(), cwd=ROOT)
     address = f"http://127.0.0.1:{dash}"
     try:
