@@ -68,6 +68,7 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.last_step: StepStats | None = None  # the latest forward, for latency models
+        self.stalled = False  # the last schedule found work but no blocks for it
         self._tables = BlockTableDiffs()
 
     @property
@@ -149,6 +150,11 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def blocks_pending_release(self) -> bool:
+        """Whether blocks held outside the scheduler will come back on their own (a
+        prefill instance's leases): then a request that fits nowhere now waits."""
+        return False
+
     def stats(self) -> dict[str, Any]:
         """Load now: queued and running requests, KV blocks (cached ones count as
         free: they are evictable), preemptions so far."""
@@ -166,10 +172,12 @@ class EngineCore:
     # ------------------------------------------------------------------ the step loop
 
     def schedule_step(self) -> PlannedStep | None:
-        """The next step's batch, or None when there is nothing to run."""
+        """The next step's batch, or None when there is nothing to run now (``stalled``
+        tells whether requests wait for blocks that others will give back)."""
         batch = self.scheduler.schedule()
+        self.stalled = batch.is_empty and self.scheduler.has_unfinished()
         if batch.is_empty:
-            if self.scheduler.has_unfinished():
+            if self.stalled and not self.blocks_pending_release():
                 raise RuntimeError("no request can be scheduled: the KV cache is too small")
             return None
         now = time.monotonic()

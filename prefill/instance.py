@@ -122,6 +122,11 @@ class PrefillInstance(EngineCore):
             return True
         return super().abort(request_id)
 
+    def blocks_pending_release(self) -> bool:
+        """Leased blocks come back on ack or expiry: a prompt that finds the cache full
+        of them waits instead of failing."""
+        return len(self.leases) > 0
+
     def has_work(self) -> bool:
         """Prompts waiting or being computed (leases are not work)."""
         return self.scheduler.has_unfinished()

@@ -240,7 +240,10 @@ class Controller:
         while not self._stopping:
             try:
                 inst.expire_leases()
-                if not inst.has_work():
+                if not inst.has_work() or inst.stalled:
+                    # Idle, or every block is leased: wait for a release (a decode
+                    # instance's ack wakes this loop) or the next lease expiry.
+                    inst.stalled = False
                     deadline = inst.leases.next_deadline()
                     wait = _IDLE_WAIT_S if deadline is None else deadline - time.monotonic()
                     await self._idle(inst.instance_id, min(wait, _IDLE_WAIT_S))
@@ -265,8 +268,12 @@ class Controller:
         while not self._stopping:
             try:
                 if inst.pending:
+                    n = len(inst.pending)
                     for rid in await inst.admit(sources):
                         self._on_admitted(inst, rid)
+                    if len(inst.pending) < n:  # acks freed leased blocks: stalled prefill
+                        for p in self.prefill:  # instances may go on
+                            self._wake[p.instance_id].set()
                 if inst.scheduler.has_unfinished():
                     outs = await inst.step_async()
                     self.router.observe(inst.instance_id, inst.last_step)

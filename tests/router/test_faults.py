@@ -125,3 +125,27 @@ def test_bad_prompt_rejected_before_anything_runs(tiny_llama: Path, ray_cluster:
             assert_clean(c)
 
     asyncio.run(run())
+
+
+def test_prefill_full_of_leases_waits_instead_of_failing(
+    tiny_llama: Path, ray_cluster: None
+) -> None:
+    """Prefill holds 8 blocks (two 50-token prompts under lease fill it) and decode
+    takes one request at a time: later prompts wait at prefill for acks, and every
+    request still finishes with the single-instance tokens."""
+    cfg = serve_config(tiny_llama, "1-1", "local")
+    cfg = replace(
+        cfg,
+        prefill=replace(cfg.prefill, num_blocks=8),
+        decode=replace(cfg.decode, max_num_seqs=1),
+    )
+    prompts = [list(range(10 + i, 60 + i)) for i in range(4)]
+
+    async def run() -> list[list[int]]:
+        async with Controller(cfg) as c:
+            outs = await asyncio.gather(*(collect(c, p) for p in prompts))
+            assert c.stats()["decode-0"]["recomputed"] == 0  # no lease ran out
+            assert_clean(c)
+            return [o.output.token_ids for o in outs]
+
+    assert asyncio.run(run()) == reference(tiny_llama, prompts)
