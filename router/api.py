@@ -3,6 +3,7 @@ engine's types, with validation that names the bad field. No tensors, no grpc ca
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
 from engine.core import Prompt
@@ -11,7 +12,7 @@ from protos import pdserve_pb2 as pb
 from router.config import ServeConfig
 from router.streams import ClusterOutput
 
-VERSION = "0.4.0"
+VERSION = metadata.version("pdserve")  # the installed distribution's, as pyproject says
 
 
 class InvalidRequest(ValueError):

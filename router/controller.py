@@ -219,7 +219,7 @@ class Controller:
         if stream is None:
             return False
         self._abort_instances(request_id, stream)
-        stream.publish_abort(request_id, [])
+        stream.publish_abort(request_id)
         return True
 
     def _abort_instances(self, request_id: str, stream: RequestStream) -> None:

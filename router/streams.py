@@ -75,13 +75,13 @@ class RequestStream:
             ClusterOutput(out, self.prefill_id, self.decode.instance_id, dict(t), self.transfer)
         )
 
-    def publish_abort(self, request_id: str, prompt_token_ids: list[int]) -> None:
+    def publish_abort(self, request_id: str) -> None:
         """Ends the stream with ``finish_reason`` "abort" (an Abort call from elsewhere)."""
         now = time.monotonic()
         last = self.last
         out = RequestOutput(
             request_id=request_id,
-            prompt_token_ids=last.prompt_token_ids if last else prompt_token_ids,
+            prompt_token_ids=last.prompt_token_ids if last else [],
             token_ids=last.token_ids if last else [],
             text=last.text if last else "",
             finished=True,
