@@ -32,7 +32,6 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 
-import ray
 import torch
 
 from kvtransfer.blocks import KVView, MoveIO, Piece, slab, split_pieces
@@ -256,6 +255,8 @@ class LocalTransport(KeyedChannelTransport):
             try:
                 return int(await ref)
             except asyncio.CancelledError:
+                import ray
+
                 ray.cancel(ref)  # not started yet (waiting for the export): never writes
                 raise
         pair = (actor_key(src), actor_key(dst))

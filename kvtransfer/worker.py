@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import numpy as np
-import ray
 
 from kvtransfer.blocks import KVView, dtype_name, gather, scatter
 from kvtransfer.dist_transport import DistChannel, DistGroups
@@ -41,12 +40,20 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def remote_class(cls: type) -> Any:
     """``ray.remote(cls)`` with the KV concurrency group declared (use ``.options``
     for resources): how a class inheriting :class:`KVTransferMixin` becomes an actor."""
+    import ray
+
     remote: Any = ray.remote
     return remote(concurrency_groups=CONCURRENCY_GROUPS)(cls)
 
 
 def kv_method(f: _F) -> _F:
-    """Marks ``f`` to run in the actor's ``"kv"`` concurrency group."""
+    """Marks ``f`` to run in the actor's ``"kv"`` concurrency group. Without Ray
+    installed ``f`` is returned as is: a single-process engine (no actors) needs no
+    group, and the engine must import without Ray."""
+    try:
+        import ray
+    except ImportError:
+        return f
     return cast(_F, ray.method(concurrency_group=KV_GROUP)(f))
 
 
@@ -92,6 +99,8 @@ def resolve_host(host: str) -> str:
     """``host``, or for ``"auto"`` this node's IP as Ray sees it (for multi-host)."""
     if host != "auto":
         return host
+    import ray
+
     return str(ray.util.get_node_ip_address())
 
 
