@@ -1,6 +1,7 @@
 """Engine benchmark: our engine vs transformers' generate on the same checkpoint.
 
-Run: ``python -m bench.engine [--presets small,medium] [--batch-sizes 1,8,32]``.
+Run: ``python -m bench.engine [--presets small,medium] [--batch-sizes 1,8,32]
+[--device cuda]``.
 Each (system, preset) runs in its own subprocess so peak memory is its own. Prints the
 ratios side by side; writes bench/results/engine.json and engine.png.
 """
@@ -44,6 +45,8 @@ def run_worker(system: str, preset: str, args: argparse.Namespace) -> dict[str, 
         args.dtype,
         "--output-dist",
         args.output_dist,
+        "--device",
+        args.device,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -64,6 +67,7 @@ def print_table(results: dict[str, dict[str, dict[str, Any]]], batch_sizes: list
             [("prefill tok/s", "prefill_tok_s")]
             + [(f"decode tok/s @ batch {b}", f"decode_tok_s_b{b}") for b in batch_sizes]
             + [("peak RSS MiB", "peak_rss_mib")]
+            + ([("peak device MiB", "peak_device_mib")] if "peak_device_mib" in ours else [])
         )
         for label, key in rows:
             print(f"{label:<28}{ours[key]:>12.1f}{hf[key]:>14.1f}{ratio(ours[key], hf[key]):>9}")
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("uniform", "azure-conv"),
         help="output lengths: uniform in [L/2, L], or the Azure conversation trace's mix",
     )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both systems)")
     args = p.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     presets = args.presets.split(",")
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault(preset, {})[system] = run_worker(system, preset, args)
     print_table(results, batch_sizes)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"engine-{args.output_dist}"
+    stem = f"engine-{args.output_dist}" + ("" if args.device == "cpu" else f"-{args.device}")
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
     plot(results, batch_sizes, RESULTS / f"{stem}.png")
     print(f"\nwrote {RESULTS / stem}.json and .png")

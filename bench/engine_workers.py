@@ -62,20 +62,28 @@ def workload(
     return prompts, output_lengths(batch, output_len, dist, rng)
 
 
-def copy_bandwidth_gb_s(nbytes: int = 512 << 20) -> float:
-    """Read+write traffic of a large tensor copy, best of 5."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth_gb_s(device: str = "cpu", nbytes: int = 512 << 20) -> float:
+    """Read+write traffic of a large tensor copy on ``device``, best of 5."""
+    src = torch.rand(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up (first-touch pages, CUDA context)
     best = float("inf")
     for _ in range(5):
+        sync(device)
         t = time.perf_counter()
         dst.copy_(src)
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best / 1e9
 
 
 class Ours:
-    def __init__(self, path: Path, threads: int, dtype: str):
+    def __init__(self, path: Path, threads: int, dtype: str, device: str):
         from decode.llm import LLM
         from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
@@ -83,6 +91,7 @@ class Ours:
             EngineConfig(
                 model=str(path),
                 dtype=dtype,
+                device=device,
                 num_threads=threads,
                 cache=CacheConfig(kv_cache_bytes=512 << 20, enable_prefix_caching=False),
                 scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192),
@@ -103,16 +112,17 @@ class Ours:
 
 
 class HF:
-    def __init__(self, path: Path, threads: int, dtype: str):
+    def __init__(self, path: Path, threads: int, dtype: str, device: str):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
-        self.model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-        self.model.eval()
+        self.device = device
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        self.model: Any = model.to(device).eval()
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def _gen(self, prompts: list[list[int]], n: int) -> None:
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=self.device)
         with torch.no_grad():
             self.model.generate(
                 ids,
@@ -122,6 +132,7 @@ class HF:
                 do_sample=False,
                 pad_token_id=0,
             )
+        sync(self.device)
 
     def run(self, prompts: list[list[int]], outs: list[int]) -> tuple[float, float]:
         """Static batching runs every row to the longest output; prefill timed apart."""
@@ -159,6 +170,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--output-dist", default="uniform", choices=("uniform", "azure-conv"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     path = model_dir(args.arch, args.preset)
     config = json.loads((path / "config.json").read_text())
@@ -166,9 +178,9 @@ def main() -> int:
     from engine.model_runner import resolve_dtype
 
     torch.set_num_threads(args.threads)
-    dtype = resolve_dtype(args.dtype, config.get("torch_dtype", "float32"), "cpu")
+    dtype = resolve_dtype(args.dtype, config.get("torch_dtype", "float32"), args.device)
     kind: Any = Ours if args.system == "pdserve" else HF
-    system: Any = kind(path, args.threads, dtype)
+    system: Any = kind(path, args.threads, dtype, args.device)
     res = measure(system, args, vocab)
     res.update(params=system.params, dtype=dtype)
     if args.system == "pdserve":
@@ -179,9 +191,11 @@ def main() -> int:
         ctx = args.prompt_len + args.output_len // 2
         width = 4 if dtype == "float32" else 2
         res["bytes_per_step"] = system.params * width + ctx * kv_bytes_per_token(cfg, dtype, 1)
-        res["copy_gb_s"] = copy_bandwidth_gb_s()
+        res["copy_gb_s"] = copy_bandwidth_gb_s(args.device)
         res["floor_step_ms"] = res["bytes_per_step"] / (res["copy_gb_s"] * 1e9) * 1e3
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device.startswith("cuda"):
+        res["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(res))
     return 0
 

@@ -1,0 +1,168 @@
+"""Roofline calibration: how close our engine's steps come to the device's ceilings.
+
+Run: ``python -m bench.calibrate [--device cuda] [--layers 8] [--out FILE]``.
+
+Measures, in one run on one device: the two ceilings (a large bf16 matrix product's
+FLOP/s and a large device copy's bytes/s, read + written), then our engine's real
+forward steps (the router's profiling path: ``executor.execute`` over synthetic
+sequences) on a Llama-3-8B-shaped model cut to ``--layers`` layers (random weights
+made by ``make_model``, so every GEMM has a real 8B layer's shape). For each prefill
+step it prints the achieved FLOP/s as a fraction of the measured matmul ceiling (MFU);
+for each decode step the bytes it must read (weights + the batch's KV) as a fraction
+of the copy ceiling (MBU). The fitted latency model and these fractions calibrate the
+placement planner's roofline (bench/planner). Writes JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from bench.engine_workers import RESULTS, copy_bandwidth_gb_s, sync
+
+# A Llama-3-8B decoder layer; vocab and max length stay the medium preset's.
+LLAMA3_8B_LAYER = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+}
+PREFILL_POINTS = ([512], [2048], [4096], [512] * 8)
+DECODE_BATCHES = (1, 8, 32, 128)
+DECODE_CONTEXT = 1024  # tokens per sequence
+
+
+def matmul_tflops(device: str, n: int = 8192, repeats: int = 10) -> float:
+    """bf16 n×n×n products on random data, mean over ``repeats`` after 3 warm-ups."""
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e12
+
+
+def model_dir(layers: int) -> Path:
+    path = Path("models") / f"calib-llama3-8b-shape-{layers}l"
+    if not (path / "config.json").is_file():
+        from engine.make_model import make_model
+
+        overrides = {**LLAMA3_8B_LAYER, "num_hidden_layers": layers}
+        make_model("llama", "medium", path, 0, "bfloat16", 2**31, overrides)
+    return path
+
+
+def linear_params(cfg: Any) -> tuple[int, int]:
+    """(matmul parameters of the decoder layers, of the LM head)."""
+    q = cfg.num_heads * cfg.head_dim
+    kv = cfg.num_kv_heads * cfg.head_dim
+    per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size
+    per_layer += 3 * cfg.hidden_size * cfg.intermediate_size
+    return per_layer * cfg.num_layers, cfg.vocab_size * cfg.hidden_size
+
+
+def prefill_flops(cfg: Any, lengths: list[int]) -> float:
+    """Matmul FLOPs of one prefill step: every token through the layers, the last of
+    each prompt through the LM head, and causal attention (QKᵀ and PV, half the square)."""
+    layers, head = linear_params(cfg)
+    attn = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * sum(n * n for n in lengths)
+    return 2 * layers * sum(lengths) + 2 * head * len(lengths) + attn
+
+
+def decode_bytes(cfg: Any, batch: int, context: int, kv_per_token: int) -> float:
+    """Bytes one decode step must read: every weight once (bf16) and the batch's KV."""
+    layers, head = linear_params(cfg)
+    return 2 * (layers + head) + batch * context * kv_per_token
+
+
+def time_points(llm: Any, repeats: int) -> list[dict[str, Any]]:
+    """Median seconds of each prefill and decode point (the first run warms up)."""
+    from router.routing import _timed_step
+
+    points = [("prefill", lengths) for lengths in PREFILL_POINTS]
+    points += [("decode", [DECODE_CONTEXT] * b) for b in DECODE_BATCHES]
+    rows = []
+    for kind, lengths in tqdm(points, desc="steps"):
+        runs = [_timed_step(llm, lengths, kind == "prefill") for _ in range(repeats + 1)][1:]
+        times = [t for t in runs if t is not None]
+        if len(times) < len(runs):
+            raise RuntimeError(f"{kind} {lengths[:1]}x{len(lengths)} does not fit the KV cache")
+        rows.append({"kind": kind, "lengths": lengths, "seconds": statistics.median(times)})
+    return rows
+
+
+def analyse(rows: list[dict[str, Any]], cfg: Any, kv: int, tflops: float, gbs: float) -> None:
+    for row in rows:
+        lengths, s = row["lengths"], row["seconds"]
+        if row["kind"] == "prefill":
+            row["tflop_s"] = prefill_flops(cfg, lengths) / s / 1e12
+            row["mfu"] = row["tflop_s"] / tflops
+        else:
+            row["gb_s"] = decode_bytes(cfg, len(lengths), DECODE_CONTEXT, kv) / s / 1e9
+            row["mbu"] = row["gb_s"] / gbs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--kv-cache-gib", type=float, default=16.0)
+    p.add_argument("--out", default=str(RESULTS / "calibrate.json"))
+    args = p.parse_args(argv)
+    from decode.llm import LLM
+    from engine.config import CacheConfig, EngineConfig
+    from engine.layout import kv_bytes_per_token
+    from router.latency_model import DecodeSample, LatencyModel, PrefillSample
+
+    tflops, gbs = matmul_tflops(args.device), copy_bandwidth_gb_s(args.device, 2 << 30)
+    print(f"ceilings: matmul {tflops:.0f} TFLOP/s, copy {gbs:.0f} GB/s")
+    path = model_dir(args.layers)
+    cache = CacheConfig(kv_cache_bytes=int(args.kv_cache_gib * 2**30), enable_prefix_caching=False)
+    llm = LLM(EngineConfig(model=str(path), dtype="bfloat16", device=args.device, cache=cache))
+    cfg = llm.model_config
+    kv = kv_bytes_per_token(cfg, "bfloat16", 1)
+    rows = time_points(llm, args.repeats)
+    analyse(rows, cfg, kv, tflops, gbs)
+    model = LatencyModel()
+    model.fit(
+        PrefillSample(tuple(r["lengths"]), r["seconds"])
+        if r["kind"] == "prefill"
+        else DecodeSample(len(r["lengths"]), sum(r["lengths"]), r["seconds"])
+        for r in rows
+    )
+    for r in rows:
+        n = f"{r['lengths'][0]}x{len(r['lengths'])}"
+        frac = f"MFU {r['mfu']:.2f}" if r["kind"] == "prefill" else f"MBU {r['mbu']:.2f}"
+        print(f"{r['kind']:<8}{n:>10}{r['seconds'] * 1e3:10.2f} ms   {frac}")
+    params = sum(linear_params(cfg))
+    result = {
+        "device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
+        "matmul_tflop_s": tflops,
+        "copy_gb_s": gbs,
+        "model": {"layers": cfg.num_layers, "linear_params": params, "kv_bytes_per_token": kv},
+        "steps": rows,
+        "latency_model": model.to_dict(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
