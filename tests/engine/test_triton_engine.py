@@ -1,9 +1,12 @@
-"""The Triton kernels inside the whole engine give the torch path's tokens (on CPU they
-run under TRITON_INTERPRET=1, set by tests/conftest.py)."""
+"""The Triton kernels inside the whole engine give the torch path's tokens, both on
+CUDA when there is one (on CPU they run under TRITON_INTERPRET=1, set by
+tests/conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from decode.llm import LLM
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -17,6 +20,7 @@ def run(path: Path, backend: str) -> tuple[list[list[int]], list[int]]:
         EngineConfig(
             model=str(path),
             dtype="float32",
+            device="cuda" if torch.cuda.is_available() else "cpu",
             attention_backend=backend,
             cache=CacheConfig(num_blocks=24, block_size=16),
             scheduler=SchedulerConfig(max_num_batched_tokens=12),  # chunked prefill
