@@ -1,16 +1,19 @@
 """Roofline calibration: how close our engine's steps come to the device's ceilings.
 
-Run: ``python -m bench.calibrate [--device cuda] [--layers 8] [--out FILE]``.
+Run: ``python -m bench.calibrate [--device cuda] [--layers 4,12] [--out FILE]``.
 
 Measures, in one run on one device: the two ceilings (a large bf16 matrix product's
 FLOP/s and a large device copy's bytes/s, read + written), then our engine's real
 forward steps (the router's profiling path: ``executor.execute`` over synthetic
-sequences) on a Llama-3-8B-shaped model cut to ``--layers`` layers (random weights
-made by ``make_model``, so every GEMM has a real 8B layer's shape). For each prefill
+sequences) on Llama-3-8B-shaped models cut to two depths (``--layers``; random
+weights made by ``make_model``, so every GEMM has a real 8B layer's shape). For each prefill
 step it prints the achieved FLOP/s as a fraction of the measured matmul ceiling (MFU);
 for each decode step the bytes it must read (weights + the batch's KV) as a fraction
-of the copy ceiling (MBU). The fitted latency model and these fractions calibrate the
-placement planner's roofline (bench/planner). Writes JSON to ``--out``.
+of the copy ceiling (MBU). From both depths it derives the planner's ``Calibration``
+(bench/planner/devices.py): compute and KV-read efficiency against the published
+figures, and the host's fixed and per-layer cost of a step (batch-1 decode is bound
+by launching kernels, not by the device). Writes JSON to ``--out``; its
+``calibration`` object is a file for ``pdserve plan --calibration``.
 """
 
 from __future__ import annotations
@@ -116,28 +119,21 @@ def analyse(rows: list[dict[str, Any]], cfg: Any, kv: int, tflops: float, gbs: f
             row["mbu"] = row["gb_s"] / gbs
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--kv-cache-gib", type=float, default=16.0)
-    p.add_argument("--out", default=str(RESULTS / "calibrate.json"))
-    args = p.parse_args(argv)
+def measure_depth(args: argparse.Namespace, layers: int, ceilings: tuple[float, float]) -> Any:
+    """Times the points on a model of ``layers`` layers; its report."""
     from decode.llm import LLM
     from engine.config import CacheConfig, EngineConfig
     from engine.layout import kv_bytes_per_token
     from router.latency_model import DecodeSample, LatencyModel, PrefillSample
 
-    tflops, gbs = matmul_tflops(args.device), copy_bandwidth_gb_s(args.device, 2 << 30)
-    print(f"ceilings: matmul {tflops:.0f} TFLOP/s, copy {gbs:.0f} GB/s")
-    path = model_dir(args.layers)
+    path = model_dir(layers)
     cache = CacheConfig(kv_cache_bytes=int(args.kv_cache_gib * 2**30), enable_prefix_caching=False)
     llm = LLM(EngineConfig(model=str(path), dtype="bfloat16", device=args.device, cache=cache))
     cfg = llm.model_config
     kv = kv_bytes_per_token(cfg, "bfloat16", 1)
     rows = time_points(llm, args.repeats)
-    analyse(rows, cfg, kv, tflops, gbs)
+    llm.shutdown()
+    analyse(rows, cfg, kv, *ceilings)
     model = LatencyModel()
     model.fit(
         PrefillSample(tuple(r["lengths"]), r["seconds"])
@@ -145,19 +141,66 @@ def main(argv: list[str] | None = None) -> int:
         else DecodeSample(len(r["lengths"]), sum(r["lengths"]), r["seconds"])
         for r in rows
     )
+    print(f"-- {layers} layers")
     for r in rows:
         n = f"{r['lengths'][0]}x{len(r['lengths'])}"
         frac = f"MFU {r['mfu']:.2f}" if r["kind"] == "prefill" else f"MBU {r['mbu']:.2f}"
         print(f"{r['kind']:<8}{n:>10}{r['seconds'] * 1e3:10.2f} ms   {frac}")
     params = sum(linear_params(cfg))
-    result = {
-        "device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
-        "matmul_tflop_s": tflops,
-        "copy_gb_s": gbs,
-        "model": {"layers": cfg.num_layers, "linear_params": params, "kv_bytes_per_token": kv},
+    return {
+        "model": {"layers": layers, "linear_params": params, "kv_bytes_per_token": kv},
         "steps": rows,
         "latency_model": model.to_dict(),
     }
+
+
+def calibration(depths: list[dict[str, Any]], published: Any, name: str) -> dict[str, Any]:
+    """``bench.planner.devices.Calibration`` fields from two depths: the prefill FLOP/s
+    and the decode KV-read GB/s as fractions of the published figures, and the host's
+    per-layer launch time and fixed step cost from batch-1 decode at both depths."""
+    shallow, deep = depths[0], depths[-1]
+    big = [r for r in deep["steps"] if r["kind"] == "prefill" and sum(r["lengths"]) >= 2048]
+    flops = statistics.median(r["tflop_s"] for r in big) * 1e12
+    dec = {len(r["lengths"]): r["seconds"] for r in deep["steps"] if r["kind"] == "decode"}
+    lo, hi = sorted(dec)[-2:]
+    kv_bytes = (hi - lo) * DECODE_CONTEXT * deep["model"]["kv_bytes_per_token"]
+    kv_gb_s = kv_bytes / (dec[hi] - dec[lo])
+    b1 = [{len(r["lengths"]): r["seconds"] for r in d["steps"]}[1] for d in (shallow, deep)]
+    layers = [d["model"]["layers"] for d in (shallow, deep)]
+    per_layer = (b1[1] - b1[0]) / (layers[1] - layers[0])
+    return {
+        "compute_efficiency": round(min(1.0, flops / published.flops), 4),
+        "bandwidth_efficiency": round(min(1.0, kv_gb_s / published.memory_bandwidth), 4),
+        "step_overhead_s": round(max(0.0, b1[0] - layers[0] * per_layer), 5),
+        "layer_dispatch_s": round(max(0.0, per_layer), 6),
+        "source": f"pdserve measured on {name} (python -m bench.calibrate)",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", default="4,12", help="two depths (host cost per layer)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--kv-cache-gib", type=float, default=16.0)
+    p.add_argument("--published", default="h200", help="bench.planner device of the figures")
+    p.add_argument("--out", default=str(RESULTS / "calibrate.json"))
+    args = p.parse_args(argv)
+    from bench.planner.devices import get_device
+
+    published = get_device(args.published, 1)
+    ceilings = matmul_tflops(args.device), copy_bandwidth_gb_s(args.device, 2 << 30)
+    print(f"ceilings: matmul {ceilings[0]:.0f} TFLOP/s, copy {ceilings[1]:.0f} GB/s")
+    depths = [measure_depth(args, int(n), ceilings) for n in args.layers.split(",")]
+    name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
+    result = {
+        "device": name,
+        "matmul_tflop_s": ceilings[0],
+        "copy_gb_s": ceilings[1],
+        "depths": depths,
+        "calibration": calibration(depths, published, name) if len(depths) > 1 else None,
+    }
+    print("calibration:", json.dumps(result["calibration"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

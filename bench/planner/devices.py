@@ -39,6 +39,7 @@ BANDWIDTH_EFFICIENCY = 0.90
 # 70B models; an NCCL all-reduce of a small message inside an NVLink node ~15 µs; links
 # deliver ~0.8 of their published rate to NCCL / KV copies.
 STEP_OVERHEAD_S = 3e-3
+LAYER_DISPATCH_S = 0.0  # an engine that replays CUDA graphs: launches cost ~nothing
 ALLREDUCE_LATENCY_S = 15e-6
 LINK_EFFICIENCY = 0.8
 
@@ -51,7 +52,10 @@ class Calibration:
       compute-bound; decode's attention and large batches too);
     - ``bandwidth_efficiency``: of peak memory bandwidth reached reading weights and KV
       (decode is bandwidth-bound);
-    - ``step_overhead_s``: fixed seconds per forward step (scheduling, launches, sampling);
+    - ``step_overhead_s``: fixed seconds per forward step (scheduling, sampling);
+    - ``layer_dispatch_s``: host seconds to launch one decoder layer's kernels. Launches
+      are asynchronous, so the host's time hides under the device's and bounds a step
+      from below (layers × this) instead of adding to it; ~0 with CUDA graphs;
     - ``allreduce_latency_s``: fixed seconds per tensor-parallel all-reduce (two per layer);
     - ``link_efficiency``: of a link's published rate reached by all-reduces, pipeline
       sends and KV transfers;
@@ -61,6 +65,7 @@ class Calibration:
     compute_efficiency: float = COMPUTE_EFFICIENCY
     bandwidth_efficiency: float = BANDWIDTH_EFFICIENCY
     step_overhead_s: float = STEP_OVERHEAD_S
+    layer_dispatch_s: float = LAYER_DISPATCH_S
     allreduce_latency_s: float = ALLREDUCE_LATENCY_S
     link_efficiency: float = LINK_EFFICIENCY
     source: str = MEASURED_H200
@@ -70,7 +75,7 @@ class Calibration:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 < value <= 1):
                 raise ValueError(f"calibration {name} must be in (0, 1], got {value!r}")
-        for name in ("step_overhead_s", "allreduce_latency_s"):
+        for name in ("step_overhead_s", "layer_dispatch_s", "allreduce_latency_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"calibration {name} must be a finite number >= 0, got {value!r}")

@@ -2,8 +2,13 @@
 
 For a model (``ModelConfig``), a layout ``(tp, pp)`` and a ``Device``, a step costs
 
-    overhead + max(FLOPs / (tp · peak · compute eff), bytes / (bandwidth · bw eff))
-             + TP all-reduces + pipeline sends
+    overhead + max(max(FLOPs / (tp · peak · compute eff), bytes / (bandwidth · bw eff))
+                   + TP all-reduces + pipeline sends,
+                   layers · host dispatch per layer)
+
+The last term is the host's: launches are asynchronous, so an engine that launches
+each layer's kernels from Python (no CUDA graphs) is bound by them when the device's
+work is short (small decode batches), and not otherwise.
 
 - FLOPs: 2 per active parameter per token for the matmuls (MoE: the routed experts
   only; the LM head once per sequence, i.e. per decode token, and ignored in prefill
@@ -124,6 +129,7 @@ class Roofline:
         self._pp_fixed = (pp - 1) * PP_HOP_LATENCY_S
         self._pp_per_token = (pp - 1) * self.act_bytes / hop_bw
         self.overhead_s = calib.step_overhead_s
+        self.dispatch_s = cfg.num_layers * calib.layer_dispatch_s
 
     def weights_read(self, tokens: int) -> float:
         """Weight bytes (per rank, all stages) a step over ``tokens`` tokens reads: the
@@ -137,7 +143,7 @@ class Roofline:
     def _step(self, tokens: int, flops: float, nbytes: float) -> float:
         core = max(flops * self.compute_s_per_flop, nbytes * self.read_s_per_byte)
         comm = self._tp_fixed + self._pp_fixed + tokens * (self._tp_per_token + self._pp_per_token)
-        return self.overhead_s + core + comm
+        return self.overhead_s + max(core + comm, self.dispatch_s)
 
     def prefill_seconds(self, lengths: Sequence[int]) -> float:
         """One prefill step over prompts (chunks) of ``lengths`` uncached tokens."""
@@ -161,7 +167,7 @@ class Roofline:
         """Closed-form coefficients (memory and compute terms added, not max'ed): the
         fit's anchor, an upper bound of the roofline."""
         read, comp = self.read_s_per_byte, self.compute_s_per_flop
-        fixed = self.overhead_s + self._tp_fixed + self._pp_fixed
+        fixed = self.overhead_s + self.dispatch_s + self._tp_fixed + self._pp_fixed
         per_token = self._tp_per_token + self._pp_per_token
         a = fixed + self.weights_read(1 << 30) * read
         prefill = Coefficients(

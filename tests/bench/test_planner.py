@@ -88,6 +88,17 @@ def test_prefill_scales_with_tokens_and_tp_cuts_step_time(llama70b: ModelConfig)
     assert faster.prefill_seconds([2048]) < 0.9 * t2k
 
 
+def test_host_dispatch_bounds_short_steps_only(llama70b: ModelConfig) -> None:
+    plain = Roofline(llama70b, Layout(4, 1), H100, BF16)
+    eager = Roofline(llama70b, Layout(4, 1), H100.calibrated(layer_dispatch_s=1e-3), BF16)
+    floor = plain.overhead_s + llama70b.num_layers * 1e-3  # 80 layers launched from the host
+    assert plain.decode_seconds(1, 512) < floor
+    assert eager.decode_seconds(1, 512) == pytest.approx(floor)
+    # A long prefill keeps the device busier than the host: launches hide under it.
+    assert eager.prefill_seconds([8192]) == pytest.approx(plain.prefill_seconds([8192]))
+    assert eager.prefill_seconds([8192]) > floor
+
+
 def test_fitted_latency_model_tracks_the_roofline(llama70b: ModelConfig) -> None:
     roof = Roofline(llama70b, Layout(4, 1), H100, BF16)
     model = latency_model(
