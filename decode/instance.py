@@ -51,12 +51,13 @@ class TransferRecord:
 
 class DecodeInstance(LLM):
     """Decode instance ``instance_id``; ``add_handoff`` queues work, ``admit`` pulls
-    what fits (await it between steps), ``step_async`` decodes."""
+    what fits (await it between steps), ``step_async`` decodes. ``transport`` None: a
+    colocated instance that prefills its requests itself (a handoff is recomputed)."""
 
     def __init__(
         self,
         config: EngineConfig,
-        transport: Transport,
+        transport: Transport | None,
         executor: Executor | None = None,
         instance_id: str = "decode-0",
         transfer_timeout_s: float = 30.0,
@@ -169,6 +170,8 @@ class DecodeInstance(LLM):
         num_bytes, error = 0, ""
         self.transferring[rid] = source
         try:
+            if self.transport is None:
+                raise TransferError(f"{self.instance_id} has no KV transport")
             if not source.claim(rid, self.transfer_timeout_s + 5.0):
                 raise TransferError(f"the lease on {rid!r} at {handoff.source} is gone")
             moves = plan_transfer(handoff.layout, self.layout, self.shape, src_blocks, dst_blocks)
@@ -184,7 +187,7 @@ class DecodeInstance(LLM):
         return TransferRecord(
             rid,
             handoff.source,
-            self.transport.name,
+            self.transport.name if self.transport is not None else "none",
             num_bytes,
             len(src_blocks),
             cached_blocks,

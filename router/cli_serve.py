@@ -1,5 +1,6 @@
-"""``pdserve serve`` (the gRPC server over a disaggregated deployment) and
-``pdserve client`` (a command-line client of it)."""
+"""``pdserve serve`` (the gRPC server over a disaggregated deployment, or a colocated
+one: ``--colocated`` or ``--prefill-instances 0``) and ``pdserve client`` (a
+command-line client of it)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ _OVERRIDES = {
 
 
 def add_serve(sub: Subparsers) -> None:
-    p = sub.add_parser("serve", help="serve the gRPC API over prefill and decode pools on Ray")
+    p = sub.add_parser(
+        "serve", help="serve the gRPC API over prefill and decode pools (or colocated) on Ray"
+    )
     p.add_argument("--config", default=None, help="ServeConfig YAML (see examples/serve.yaml)")
     p.add_argument("--model", default=None, help="model directory (default: built-in small)")
     p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"))
@@ -42,6 +45,12 @@ def add_serve(sub: Subparsers) -> None:
         p.add_argument(f"--{role}-instances", type=int, default=None)
         p.add_argument(f"--{role}-tp", type=int, default=None)
         p.add_argument(f"--{role}-pp", type=int, default=None)
+    p.add_argument(
+        "--colocated",
+        action="store_true",
+        help="no prefill instances: the decode instances prefill every request themselves "
+        "(the same as --prefill-instances 0)",
+    )
     p.add_argument("--transport", choices=TRANSPORTS, default=None)
     p.add_argument("--policy", choices=POLICY_NAMES, default=None)
     p.add_argument("--slo-ttft-ms", type=float, default=None)
@@ -56,6 +65,13 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The YAML (or defaults) with the flags that were given on top."""
     base = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in _OVERRIDES.items()}
+    if args.colocated:
+        if args.prefill_instances not in (None, 0):
+            raise ValueError(
+                f"--colocated runs no prefill instance; got --prefill-instances "
+                f"{args.prefill_instances}"
+            )
+        overrides["prefill.num_instances"] = 0
     if args.slo_ttft_ms is not None:
         overrides["slo.ttft_s"] = args.slo_ttft_ms / 1e3
     if args.slo_tpot_ms is not None:

@@ -3,6 +3,11 @@ overridable by CLI flags, validated once with ValueErrors that name the bad valu
 
 ``ServeConfig(model, prefill, decode, kv, router, slo, server)``. Values found at run
 time (KV blocks, eos ids) live in each instance's ``RuntimeInfo``, never here.
+
+``prefill.num_instances: 0`` makes a colocated deployment (``ServeConfig.colocated``,
+examples/colocated.yaml): the decode pool's instances prefill and decode every request
+themselves (continuous batching; ``decode.chunked_prefill`` on or off gives DistServe's
+two colocated baselines), no KV moves and ``kv`` is unused.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ TRANSPORTS = ("auto", "gloo", "nccl", "grpc", "local")
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """One role's instances: how many, their layout, batching limits and KV pool."""
+    """One role's instances: how many, their layout, batching limits and KV pool.
+    ``num_instances`` may be 0 for the prefill pool only (a colocated deployment; the
+    decode pool needs at least one, which ``ServeConfig`` checks)."""
 
     num_instances: int = 1
     tp: int = 1
@@ -47,8 +54,8 @@ class PoolConfig:
     policy: str = "fcfs"  # prefill queue order (prefill pools only)
 
     def __post_init__(self) -> None:
-        if self.num_instances < 1:
-            raise ValueError(f"num_instances must be >= 1, got {self.num_instances}")
+        if self.num_instances < 0:
+            raise ValueError(f"num_instances must be >= 0, got {self.num_instances}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(
                 f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, "
@@ -113,7 +120,9 @@ class RouterConfig:
     ``policy`` round_robin | least_loaded | slo_aware; ``on_slo_miss`` serve | reject
     (reject: RESOURCE_EXHAUSTED at once when no pair is predicted to meet the SLOs);
     ``local_prefill_max_tokens`` > 0 lets slo_aware prefill a prompt with at most that
-    many uncached tokens on the decode instance itself when predicted better (0: off);
+    many uncached tokens on the decode instance itself when predicted better (0: off;
+    a colocated deployment prefills every prompt where it decodes, whatever this is,
+    placed by the policy's ``decide_colocated``);
     ``transfer_in`` where the KV transfer's time counts (ttft | tpot); the latency
     models start from a short profiling run (``profile_at_start``) and are refitted
     every ``latency_refit_every`` steps over the last ``latency_window``."""
@@ -181,7 +190,8 @@ class ServerConfig:
 @dataclass(frozen=True)
 class ServeConfig:
     """A whole deployment: the model, both pools, the KV transfer, routing, SLOs and
-    the server. ``model`` None means the built-in small model (made on first use)."""
+    the server. ``model`` None means the built-in small model (made on first use).
+    ``prefill.num_instances`` 0: colocated (see the module doc)."""
 
     model: str | None = None
     dtype: str = "auto"
@@ -199,9 +209,21 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.kv.resolved_transport(self.device) == "nccl" and self.device == "cpu":
+        if self.decode.num_instances < 1:
+            raise ValueError(
+                f"decode.num_instances must be >= 1, got {self.decode.num_instances} "
+                "(prefill.num_instances 0 makes a colocated deployment)"
+            )
+        transport = self.kv.resolved_transport(self.device)
+        if transport == "nccl" and self.device == "cpu" and not self.colocated:
             raise ValueError("kv.transport 'nccl' needs device 'cuda'; use gloo, grpc or local")
         self.engine_config("prefill")  # validates block size, device, lengths
+
+    @property
+    def colocated(self) -> bool:
+        """True when there is no prefill instance: the decode instances prefill and
+        decode every request themselves, and no KV moves between instances."""
+        return self.prefill.num_instances == 0
 
     def engine_config(self, role: str) -> EngineConfig:
         """The ``EngineConfig`` of one instance of the ``role`` ("prefill"/"decode") pool."""

@@ -1,6 +1,8 @@
 """The cluster controller: starts the prefill and decode pools on Ray from a
 ``ServeConfig``, drives every instance from one asyncio event loop, moves handoffs
-from prefill to decode, and streams each request's tokens to its caller.
+from prefill to decode, and streams each request's tokens to its caller. A colocated
+deployment (no prefill instance) runs the decode loops only: each decode instance
+prefills its requests itself.
 
 One task per instance runs its step loop. Schedulers and block managers are only ever
 touched on the event loop's thread; the forwards and the KV transfers are awaited, so
@@ -22,7 +24,6 @@ from engine.core import Prompt, RequestIdInUse, RequestOutput
 from engine.executor import connect_ray
 from engine.sampling_params import SamplingParams
 from kvtransfer.handoff import KVSource
-from kvtransfer.transport import Transport, make_transport
 from prefill.instance import PrefillInstance
 from router.config import ServeConfig
 from router.pools import Pools
@@ -50,7 +51,6 @@ class Controller:
         self.model: str = path
         self.prefill: list[PrefillInstance] = []
         self.decode: list[DecodeInstance] = []
-        self.transport: Transport | None = None
         self._streams: dict[str, RequestStream] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -72,21 +72,14 @@ class Controller:
         cfg = self.config
         self._owns_ray = connect_ray(cfg.ray_address)
         try:
-            name = cfg.kv.resolved_transport(cfg.device)
-            # Same-host shared memory listens nowhere; the others bind their servers.
-            options = {} if name == "local" else {"host": cfg.kv.bind_host}
-            self.transport = make_transport(name, **options)
-            self._pools = Pools(cfg, self.model, self.transport)
+            self._pools = Pools(cfg, self.model)
             await self._pools.start()
             self.prefill, self.decode = self._pools.prefill, self._pools.decode
             self._prefill_by_id = {p.instance_id: p for p in self.prefill}
             self._decode_by_id = {d.instance_id: d for d in self.decode}
-            shape = self.decode[0].shape
-            self._kv_bytes_per_token = (
-                shape.head_block_bytes // shape.block_size * shape.num_kv_heads * shape.num_layers
-            )
+            self._kv_bytes_per_token = self._pools.kv_bytes_per_token
             if cfg.router.profile_at_start:
-                await self._profile()
+                await self._pools.profile(self.router)
         except BaseException:
             await self.stop()
             raise
@@ -94,15 +87,6 @@ class Controller:
             self._wake[name] = asyncio.Event()
         self._tasks = [asyncio.create_task(self._prefill_loop(p)) for p in self.prefill]
         self._tasks += [asyncio.create_task(self._decode_loop(d)) for d in self.decode]
-
-    async def _profile(self) -> None:
-        """Fits every instance's latency model from a short synthetic run, one instance
-        at a time (they share the machine's cores here, a cluster's GPUs elsewhere)."""
-        local = self.config.router.local_prefill_max_tokens > 0
-        for p in self.prefill:
-            await asyncio.to_thread(self.router.profile, p.instance_id, p, True, False)
-        for d in self.decode:
-            await asyncio.to_thread(self.router.profile, d.instance_id, d, local, True)
 
     async def stop(self) -> None:
         """Aborts every request, stops the loops, the instances and the transport."""
@@ -119,9 +103,6 @@ class Controller:
             await self._pools.shutdown()
             self._pools = None
         self.prefill, self.decode = [], []
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
         if self._owns_ray:
             import ray
 
@@ -144,8 +125,9 @@ class Controller:
         request_id: str | None = None,
         slo: tuple[float, float] | None = None,
     ) -> AsyncGenerator[ClusterOutput, None]:
-        """Streams one request: the first token from its prefill instance, then each
-        decode step's update, the last one ``finished``. ``slo`` (ttft_s, tpot_s)
+        """Streams one request: the first token from its prefill instance (or its
+        decode instance, prefilling it itself), then each decode step's update, the
+        last one ``finished``. ``slo`` (ttft_s, tpot_s)
         overrides the deployment's. ValueError (naming the bad value) and
         ``SLOUnattainable`` (rejected by admission) come before anything streams.
         Closing the iterator early aborts the request wherever it is and frees its
@@ -173,13 +155,14 @@ class Controller:
         request_id: str | None,
         slo: tuple[float, float] | None,
     ) -> str:
-        if not self.prefill or self._stopping:
+        if not self.decode or self._stopping:
             raise RuntimeError("the controller is not running")
         rid = request_id if request_id is not None else f"req-{uuid.uuid4().hex[:12]}"
         if rid in self._streams:
             raise RequestIdInUse(rid)
-        ids = self.prefill[0].encode(prompt)
-        self.decode[0].encode(ids)  # the decode instances must be able to hold it too
+        ids = self.decode[0].encode(prompt)
+        if self.prefill:  # none when colocated
+            self.prefill[0].encode(ids)  # the prefill instances must hold it too
         targets = slo or (self.config.slo.ttft_s, self.config.slo.tpot_s)
         decision = self.router.decide(
             ids, params, targets, self.prefill, self.decode, self._kv_bytes_per_token, self._routed
@@ -191,7 +174,7 @@ class Controller:
         stream = RequestStream(p, d, prompt_len=len(ids))
         self._streams[rid] = stream
         try:
-            if p is None:  # conditional disaggregation: prefilled on the decode instance
+            if p is None:  # colocated, or conditional disaggregation: prefilled here
                 d.add_request(ids, params, rid)
             else:
                 p.add_request(ids, params, rid)

@@ -7,6 +7,11 @@ for all: with ``on_slo_miss="reject"`` a predicted miss comes back ``admit=False
 
 ``slo_aware`` (router/slo_aware.py, the default) chooses the pair jointly against the
 SLOs; ``round_robin`` and ``least_loaded`` are the baselines.
+
+A colocated deployment (no prefill instances) asks ``decide_colocated(request,
+decode_views)`` instead: ``round_robin`` takes the instances in turn, ``least_loaded``
+the one with the fewest requests (running, queued and routed since its last step),
+then the most free blocks, and ``slo_aware`` the best local prefill against the SLOs.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from router.policy_base import Policy, check_pools
+from router.policy_base import Policy, check_colocated, check_pools
 from router.policy_views import Decision, DecodeView, PrefillView, RouteRequest
 from router.slo_aware import SloAware
 
@@ -42,6 +47,12 @@ class RoundRobin(Policy):
         d = decode[next(self._d) % len(decode)]
         return self.pair_decision(request, p, d, "round_robin: next in turn")
 
+    def decide_colocated(self, request: RouteRequest, decode: Sequence[DecodeView]) -> Decision:
+        """The next instance in turn (the decode pool's own turn, as in ``decide``)."""
+        check_colocated(decode)
+        d = decode[next(self._d) % len(decode)]
+        return self.local_decision(request, d, "round_robin: next in turn (colocated)")
+
 
 class LeastLoaded(Policy):
     """The prefill instance with the fewest queued prefill tokens (then requests) and
@@ -58,6 +69,16 @@ class LeastLoaded(Policy):
         p = min(prefill, key=lambda v: (v.queued_prefill_tokens, v.queued_requests))
         d = min(decode, key=lambda v: (v.batch_size + v.pending_handoffs, -v.blocks_free))
         return self.pair_decision(request, p, d, "least_loaded: least queued work / batch")
+
+    def decide_colocated(self, request: RouteRequest, decode: Sequence[DecodeView]) -> Decision:
+        """The instance with the fewest requests (running, waiting to be prefilled, or
+        routed to it since its view was made), then the most free blocks."""
+        check_colocated(decode)
+        d = min(
+            decode,
+            key=lambda v: (v.batch_size + v.waiting_requests + v.pending_handoffs, -v.blocks_free),
+        )
+        return self.local_decision(request, d, "least_loaded: fewest requests (colocated)")
 
 
 _CLASSES: dict[str, type[Policy]] = {c.name: c for c in (RoundRobin, LeastLoaded, SloAware)}

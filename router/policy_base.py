@@ -52,6 +52,15 @@ class Policy(ABC):
     ) -> Decision:
         """The pair for ``request``; ValueError when a pool it needs is empty."""
 
+    @abstractmethod
+    def decide_colocated(self, request: RouteRequest, decode: Sequence[DecodeView]) -> Decision:
+        """The instance of a colocated deployment (no prefill instances: every
+        instance prefills and decodes its own requests) for ``request``: a ``Decision``
+        with ``prefill_id`` None whose predicted latency is ``DecodeView.local_prefill``
+        of the chosen instance, so admission (``on_slo_miss``) works as in ``decide``.
+        ValueError when ``decode`` is empty. The real router (router/routing.py) and
+        the simulator (bench/sim/routing.py) both call it."""
+
     def with_transfer(
         self, request: RouteRequest, ttft: float, tpot: float, transfer_s: float
     ) -> tuple[float, float]:
@@ -83,6 +92,17 @@ class Policy(ABC):
         latency = self.with_transfer(request, p.ttft_s(request), d.tpot_s(request), transfer)
         room = p.has_room(request) and d.has_room(request)
         return self.make_decision(request, (p.instance_id, d.instance_id), latency, room, reason)
+
+    def local_decision(self, request: RouteRequest, d: DecodeView, reason: str) -> Decision:
+        """The decision for ``d`` prefilling ``request`` itself, chosen by a baseline."""
+        latency, room = d.local_prefill(request), d.has_room(request)
+        return self.make_decision(request, (None, d.instance_id), latency, room, reason)
+
+
+def check_colocated(decode: Sequence[DecodeView]) -> None:
+    """ValueError when a colocated deployment has no instance."""
+    if not decode:
+        raise ValueError("need at least one instance in a colocated deployment, got 0")
 
 
 def check_pools(prefill: Sequence[PrefillView], decode: Sequence[DecodeView]) -> None:

@@ -142,7 +142,8 @@ class DecodeView:
     """One decode instance's load: ``batch_size`` running sequences holding
     ``context_tokens`` in all; ``pending_handoffs`` waiting for room, with
     ``pending_tokens`` prompt tokens; ``local_prefill_tokens`` uncached tokens queued
-    for local prefill here."""
+    for local prefill here, over ``waiting_requests`` queued requests (local prefills,
+    recomputes and preempted ones: what a colocated instance's queue holds)."""
 
     instance_id: str
     batch_size: int
@@ -154,6 +155,7 @@ class DecodeView:
     model: LatencyModel
     pending_tokens: int = 0
     local_prefill_tokens: int = 0
+    waiting_requests: int = 0
     # (TPOT before this prompt's context, b, tokens before this prompt's, spare blocks,
     # a sequence slot is free, running step seconds), computed once when made
     _terms: tuple[float, float, int, int, bool, float] = field(
@@ -166,7 +168,9 @@ class DecodeView:
         pending = self.pending_handoffs
         batch = self.batch_size + pending + 1
         tpot0 = c.a + c.b * (self.context_tokens + self.pending_tokens) + c.c * batch
-        step = self.model.predict_decode(self.batch_size, self.context_tokens)
+        # ``LatencyModel.predict_decode`` from the coefficients read once above: the
+        # view calls no model method (a simulated instance's model counts its steps).
+        step = c.a + c.b * self.context_tokens + c.c * self.batch_size if self.batch_size else 0.0
         terms = (tpot0, c.b, self.pending_tokens + pending + 1, pending + self.batch_size)
         object.__setattr__(self, "_terms", (*terms, batch <= self.max_num_seqs, step))
 
@@ -239,6 +243,7 @@ _DECODE_COUNTS = (
     "blocks_free",
     "pending_tokens",
     "local_prefill_tokens",
+    "waiting_requests",
 )
 
 

@@ -68,7 +68,8 @@ class Router:
         """The pair for one request (``Decision.prefill_id`` None: prefill on the decode
         instance itself); ``admit`` False when it should be rejected. ``routed`` counts,
         per decode instance, the requests (and prompt tokens) already sent its way that
-        are still prefilling elsewhere: its batch will hold them too."""
+        are still prefilling elsewhere: its batch will hold them too. No ``prefill``
+        instances: a colocated deployment, placed by ``Policy.decide_colocated``."""
         routed = routed or {}
         hashes = block_hashes(token_ids, decode[0].block_manager.block_size) if decode else []
         cached = {
@@ -86,7 +87,10 @@ class Router:
         )
         pviews = [self._prefill_view(p) for p in prefill]
         dviews = [self._decode_view(d, routed.get(d.instance_id, (0, 0))) for d in decode]
-        decision = self.policy.decide(request, pviews, dviews)
+        if prefill:
+            decision = self.policy.decide(request, pviews, dviews)
+        else:
+            decision = self.policy.decide_colocated(request, dviews)
         if decision.admit:
             p_id, d_id = decision.prefill_id, decision.decode_id
             if p_id is not None:
@@ -127,6 +131,7 @@ class Router:
             model=self.model(d.instance_id),
             pending_tokens=sum(len(h.prompt_token_ids) for h in d.pending) + routed[1],
             local_prefill_tokens=sum(s.num_uncomputed_tokens for s in d.scheduler.waiting),
+            waiting_requests=len(d.scheduler.waiting),
         )
         self._decode_views[d.instance_id] = view
         return view

@@ -10,7 +10,8 @@ request itself) the latency models predict
 - local prefill on d (conditional disaggregation, when the uncached part is at most
   ``local_prefill_max_tokens``; 0 = off): TTFT = d's running step + its queued local
   prefills + this prefill, no transfer; TPOT adds the prefill's stall of d's batch
-  spread over the expected output.
+  spread over the expected output. A colocated deployment (``decide_colocated``) has
+  only these candidates, whatever the prompt's length.
 
 Objective: minimise the worst normalised latency ``max(TTFT/ttft_slo, TPOT/tpot_slo)``,
 then the sum as a tie-break; an instance without room now (blocks or sequence slots)
@@ -34,7 +35,7 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 
 from router.bandwidth import Bandwidth
-from router.policy_base import Policy, check_pools, meets_slo
+from router.policy_base import Policy, check_colocated, check_pools, meets_slo
 from router.policy_views import Decision, DecodeView, PrefillView, RouteRequest
 
 NO_ROOM = 1e3  # added to a normalised latency when an instance has no room now
@@ -106,7 +107,7 @@ class SloAware(Policy):
         if self.local_prefill_max_tokens:
             # A short prompt that meets its SLOs where it will decode stays there (as in
             # Dynamo): no transfer, and the prefill pool keeps its capacity for long ones.
-            local = self._best_local(request, decode)
+            local = self._best_local(request, decode, self.local_prefill_max_tokens)
             if local is not None and (best is None or local.key < best.key or _meets(local)):
                 best = local
         if best is None:
@@ -115,6 +116,15 @@ class SloAware(Policy):
                 f"local_prefill_max_tokens ({self.local_prefill_max_tokens}) everywhere"
             )
         return self._explain(request, best, prefill, decode)
+
+    def decide_colocated(self, request: RouteRequest, decode: Sequence[DecodeView]) -> Decision:
+        """The best local prefill among all instances (``local_prefill_max_tokens``
+        does not apply: a colocated instance prefills every prompt itself)."""
+        check_colocated(decode)
+        best = self._best_local(request, decode, None)
+        if best is None:  # unreachable: without a limit every instance is a candidate
+            raise ValueError("no colocated instance to prefill the request")
+        return self._explain(request, best, (), decode)
 
     def _best_remote(
         self, request: RouteRequest, prefill: Sequence[PrefillView], decode: Sequence[DecodeView]
@@ -177,10 +187,14 @@ class SloAware(Policy):
         i, j = divmod(flat, len(decode))
         return i, j, float(transfer[i, j])
 
-    def _best_local(self, request: RouteRequest, decode: Sequence[DecodeView]) -> Candidate | None:
+    def _best_local(
+        self, request: RouteRequest, decode: Sequence[DecodeView], limit: int | None
+    ) -> Candidate | None:
+        """The best local prefill on an instance whose uncached part is at most
+        ``limit`` tokens (None: any)."""
         best: Candidate | None = None
         for j, d in enumerate(decode):
-            if request.uncached(d.instance_id) > self.local_prefill_max_tokens:
+            if limit is not None and request.uncached(d.instance_id) > limit:
                 continue
             ttft, tpot = d.local_prefill(request)
             room = d.estimate(request)[1]

@@ -1,6 +1,8 @@
 """What the controller streams back per request, and the lifecycle timestamps
 (DESIGN.md: arrived, routed, prefill_start, first_token, transfer_start,
-transfer_end, decode_start, finished) it stamps on the way."""
+transfer_end, decode_start, finished) it stamps on the way. A request prefilled on its
+decode instance (colocated, or local prefill) has an empty transfer at its first
+token: transfer_start = transfer_end = decode_start = first_token."""
 
 from __future__ import annotations
 
@@ -64,10 +66,11 @@ class RequestStream:
             t.setdefault("prefill_start", out.first_scheduled_time)
         if out.first_token_time is not None and "first_token" not in t:
             t["first_token"] = out.first_token_time
-            if self.prefill is None:  # prefilled here: no transfer, decoding follows
-                if out.first_scheduled_time is not None:
+            if self.prefill is None:  # prefilled here (colocated, or local prefill):
+                if out.first_scheduled_time is not None:  # an empty transfer, then decoding
                     t.setdefault("prefill_start", out.first_scheduled_time)
-                t["decode_start"] = out.first_token_time
+                now = out.first_token_time
+                t.update(transfer_start=now, transfer_end=now, decode_start=now)
         if out.finished and out.finish_time is not None:
             t["finished"] = out.finish_time
         self.last = out

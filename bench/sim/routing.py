@@ -7,15 +7,15 @@ policy's own ``decide`` picks the pair. The router's latency models are the
 instances' own (the fitted model is both the truth and the prediction here). No prefix
 caching: ``cached_tokens`` is always empty.
 
-Colocated pools have no prefill instances: ``slo_aware`` then decides among local
-prefills on every instance (``local_prefill_max_tokens`` unbounded), ``round_robin``
-takes instances in turn and ``least_loaded`` the one with the fewest requests (then
-the most free blocks, then the first).
+Colocated pools have no prefill instances: the policy's ``decide_colocated`` places
+each request, as ``Router.decide`` does for a colocated deployment (router/policies.py:
+``slo_aware`` decides among local prefills on every instance, ``round_robin`` takes
+instances in turn and ``least_loaded`` the one with the fewest requests, then the most
+free blocks, then the first).
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 from bench.sim.config import SimConfig
@@ -24,8 +24,6 @@ from bench.sim.prefill_sim import PrefillSim
 from router.policies import Policy, SloAware, make_policy
 from router.policy_views import DecodeView, PrefillView, RouteRequest
 
-_UNBOUNDED = 1 << 40  # local_prefill_max_tokens for a colocated slo_aware
-
 
 def build_policy(config: SimConfig) -> Policy:
     """A fresh policy from ``config`` (or its ``Policy`` object as is)."""
@@ -33,8 +31,6 @@ def build_policy(config: SimConfig) -> Policy:
         return config.policy
     options: dict[str, Any] = dict(config.policy_options)
     options.setdefault("bandwidth", config.bandwidth_object())
-    if config.is_colocated and config.policy == "slo_aware":
-        options.setdefault("local_prefill_max_tokens", _UNBOUNDED)
     return make_policy(config.policy, **options)
 
 
@@ -68,6 +64,7 @@ def decode_view(d: EngineSim) -> DecodeView:
         model=d.model,
         pending_tokens=sum(s.prompt_len for s, _ in d.pending) + d.routed[1],
         local_prefill_tokens=sum(s.length - s.computed for s in b.waiting),
+        waiting_requests=len(b.waiting),
     )
 
 
@@ -82,24 +79,15 @@ class SimRouter:
         self.decode = decode
         self._p_by_id = {p.instance_id: p for p in prefill}
         self._d_by_id = {d.instance_id: d for d in decode}
-        self._turn = itertools.count()
         local = isinstance(self.policy, SloAware) and self.policy.local_prefill_max_tokens > 0
-        self._builtin = config.is_colocated and not local
         if not (config.is_colocated or prefill or local):
             raise ValueError(
                 "without prefill instances the policy must be slo_aware with "
                 "local_prefill_max_tokens > 0"
             )
-        if self._builtin and self.policy.name not in ("round_robin", "least_loaded"):
-            raise ValueError(
-                f"a colocated pool routes with slo_aware (local prefill on), round_robin or "
-                f"least_loaded, not {self.policy.name!r}"
-            )
 
     def route(self, prompt_len: int, output_len: int) -> tuple[PrefillSim | None, EngineSim] | None:
         """The instances for one request."""
-        if self._builtin:
-            return None, self._colocated_pick()
         cfg = self.config
         request = RouteRequest(
             prompt_len=prompt_len,
@@ -110,7 +98,10 @@ class SimRouter:
         )
         pviews = [p.view or self._refresh_p(p) for p in self.prefill]
         dviews = [d.view or self._refresh_d(d) for d in self.decode]
-        decision = self.policy.decide(request, pviews, dviews)
+        if cfg.is_colocated:
+            decision = self.policy.decide_colocated(request, dviews)
+        else:
+            decision = self.policy.decide(request, pviews, dviews)
         if not decision.admit:
             return None
         d = self._d_by_id[decision.decode_id]
@@ -127,13 +118,3 @@ class SimRouter:
     def _refresh_d(self, d: EngineSim) -> DecodeView:
         d.view = decode_view(d)
         return d.view
-
-    def _colocated_pick(self) -> EngineSim:
-        if self.policy.name == "round_robin":
-            return self.decode[next(self._turn) % len(self.decode)]
-
-        def load(d: EngineSim) -> tuple[int, int]:
-            b = d.batcher
-            return len(b.running) + len(b.waiting), -b.free_blocks
-
-        return min(self.decode, key=load)

@@ -9,6 +9,7 @@ import pytest
 from router.config import ServeConfig
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "serve.yaml"
+COLOCATED = EXAMPLE.with_name("colocated.yaml")
 
 
 def test_example_loads() -> None:
@@ -17,6 +18,17 @@ def test_example_loads() -> None:
     assert cfg.kv.resolved_transport("cpu") == "gloo"
     assert cfg.kv.resolved_transport("cuda") == "nccl"
     assert cfg.server.port == 50051
+
+
+def test_colocated_example_and_prefill_pool_of_zero() -> None:
+    cfg = ServeConfig.from_yaml(COLOCATED)
+    assert cfg.colocated and cfg.prefill.num_instances == 0
+    assert cfg.decode.num_instances == 2 and cfg.decode.chunked_prefill
+    assert not ServeConfig.from_yaml(EXAMPLE).colocated
+    off = cfg.with_overrides(**{"decode.chunked_prefill": False})
+    assert off.colocated and not off.engine_config("decode").scheduler.chunked_prefill
+    # No KV moves in a colocated deployment: a transport it cannot use is no error.
+    assert ServeConfig.from_dict({"prefill": {"num_instances": 0}, "kv": {"transport": "nccl"}})
 
 
 def test_overrides_and_engine_config(tmp_path: Path) -> None:
@@ -39,6 +51,7 @@ def test_overrides_and_engine_config(tmp_path: Path) -> None:
         ({"kv": {"lease_s": 0}}, "kv.lease_s must be > 0, got 0"),
         ({"prefill": {"policy": "lifo"}}, "got 'lifo'"),
         ({"decode": {"num_instances": 0}}, "num_instances must be >= 1, got 0"),
+        ({"prefill": {"num_instances": -1}}, "num_instances must be >= 0, got -1"),
         ({"prefill": {"pp": 2, "pp_boundaries": [0]}}, "must be >= 1"),
         ({"server": {"port": 70000}}, "server.port must be in"),
         ({"slo": {"tpot_s": -1}}, "slo.tpot_s must be > 0"),

@@ -293,3 +293,49 @@ def test_bad_inputs_raise() -> None:
         Bandwidth.from_matrix(["p0", "p1"], ["d0", "d1"], [[1e9, 1e9]])
     m = Bandwidth.from_matrix(["p0"], ["d0", "d1"], [[1e9, 2e9]])
     assert m.between("p0", "d1") == 2e9 and not m.is_uniform and Bandwidth().is_uniform
+
+
+# ------------------------------------------------------------------ colocated
+
+
+def test_colocated_round_robin_takes_instances_in_turn_with_local_latency() -> None:
+    policy = RoundRobin(bandwidth=BW)
+    got = [policy.decide_colocated(req(prompt_len=64), DECODE) for _ in range(3)]
+    assert [pair(d) for d in got] == [(None, "d0"), (None, "d1"), (None, "d0")]
+    ttft, tpot = DECODE[1].local_prefill(req(prompt_len=64))
+    assert (got[1].predicted_ttft_s, got[1].predicted_tpot_s) == (ttft, tpot)
+    assert got[1].meets_slo and not got[0].meets_slo and got[0].admit  # d0's TPOT misses
+    assert "colocated" in got[0].reason
+
+
+def test_colocated_least_loaded_counts_running_waiting_and_routed_requests() -> None:
+    decode = [
+        DecodeView("d0", 2, 200, 0, 100, 16, 64, MODEL, waiting_requests=2),  # 4 requests
+        DecodeView("d1", 3, 300, 0, 100, 16, 64, MODEL),  # 3
+        DecodeView("d2", 1, 100, 0, 500, 16, 64, MODEL, waiting_requests=2),  # 3, roomier
+    ]
+    policy = LeastLoaded(bandwidth=BW)
+    assert pair(policy.decide_colocated(req(), decode)) == (None, "d2")
+    decode[2] = decode[2].plus(req(), local=True)  # routed there: now 4
+    assert pair(policy.decide_colocated(req(), decode)) == (None, "d1")
+
+
+def test_colocated_slo_aware_prefills_any_prompt_where_it_best_meets_the_slos() -> None:
+    policy = SloAware(bandwidth=BW)  # local_prefill_max_tokens 0: not for colocated
+    d = policy.decide_colocated(req(prompt_len=3000), DECODE)
+    assert pair(d) == (None, "d1") and "local prefill on d1 (3000 uncached" in d.reason
+    assert (d.predicted_ttft_s, d.predicted_tpot_s) == DECODE[1].local_prefill(req(3000))
+    # The same choice as conditional disaggregation without prefill instances.
+    unbounded = SloAware(bandwidth=BW, local_prefill_max_tokens=1 << 40)
+    assert unbounded.decide(req(prompt_len=3000), [], DECODE) == d
+    strict = SloAware(bandwidth=BW, on_slo_miss="reject")
+    rejected = strict.decide_colocated(req(prompt_len=3000, ttft_s=1e-3), DECODE)
+    assert not rejected.admit and not rejected.meets_slo and "no candidate" in rejected.reason
+
+
+def test_colocated_decisions_need_an_instance() -> None:
+    for name in POLICY_NAMES:
+        with pytest.raises(ValueError, match="at least one instance in a colocated"):
+            make_policy(name).decide_colocated(req(), [])
+    with pytest.raises(ValueError, match="waiting_requests must be >= 0, got -1"):
+        DecodeView("d", 0, 0, 0, 10, 16, 64, MODEL, waiting_requests=-1)
