@@ -173,7 +173,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceLoad(_message.Message):
-    __slots__ = ("instance_id", "role", "waiting", "running", "blocks_free", "blocks_used", "blocks_total", "leased", "pending")
+    __slots__ = ("instance_id", "role", "waiting", "running", "blocks_free", "blocks_used", "blocks_total", "leased", "pending", "prefill_model", "decode_model", "block_size", "kv_bytes_per_token", "kv_transfers", "kv_transfer_bytes", "kv_transfer_seconds")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,13 @@ class InstanceLoad(_message.Message):
     BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LEASED_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: str
     waiting: int
@@ -192,7 +199,30 @@ class InstanceLoad(_message.Message):
     blocks_total: int
     leased: int
     pending: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., blocks_free: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., leased: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
+    prefill_model: StepCoefficients
+    decode_model: StepCoefficients
+    block_size: int
+    kv_bytes_per_token: int
+    kv_transfers: int
+    kv_transfer_bytes: int
+    kv_transfer_seconds: float
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., blocks_free: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., leased: _Optional[int] = ..., pending: _Optional[int] = ..., prefill_model: _Optional[_Union[StepCoefficients, _Mapping]] = ..., decode_model: _Optional[_Union[StepCoefficients, _Mapping]] = ..., block_size: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ...) -> None: ...
+
+class StepCoefficients(_message.Message):
+    __slots__ = ("a", "b", "c", "num_samples", "window_samples", "relative_error")
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    C_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    a: float
+    b: float
+    c: float
+    num_samples: int
+    window_samples: int
+    relative_error: float
+    def __init__(self, a: _Optional[float] = ..., b: _Optional[float] = ..., c: _Optional[float] = ..., num_samples: _Optional[int] = ..., window_samples: _Optional[int] = ..., relative_error: _Optional[float] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("instances",)

@@ -3,6 +3,7 @@ engine's types, with validation that names the bad field. No tensors, no grpc ca
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
@@ -10,6 +11,7 @@ from engine.core import Prompt
 from engine.sampling_params import SamplingParams
 from protos import pdserve_pb2 as pb
 from router.config import ServeConfig
+from router.latency_model import LatencyModel
 from router.streams import ClusterOutput
 
 VERSION = metadata.version("pdserve")  # the installed distribution's, as pyproject says
@@ -98,37 +100,72 @@ def final_result(update: ClusterOutput) -> pb.FinalResult:
 
 
 def server_info(config: ServeConfig, model: str, max_model_len: int) -> pb.ServerInfo:
-    """What is deployed."""
+    """What is deployed. A colocated deployment is one pool of role "colocated" (its
+    decode pool) and transport "none": no KV moves."""
+    roles = (
+        [("colocated", config.decode)]
+        if config.colocated
+        else [("prefill", config.prefill), ("decode", config.decode)]
+    )
     pools = [
-        pb.PoolInfo(role=role, num_instances=p.num_instances, tp=p.tp, pp=p.pp)
-        for role, p in (("prefill", config.prefill), ("decode", config.decode))
+        pb.PoolInfo(role=role, num_instances=p.num_instances, tp=p.tp, pp=p.pp) for role, p in roles
     ]
     return pb.ServerInfo(
         model=model,
         version=VERSION,
         pools=pools,
         slo=pb.SLO(ttft_ms=config.slo.ttft_s * 1e3, tpot_ms=config.slo.tpot_s * 1e3),
-        transport=config.kv.resolved_transport(config.device),
+        transport="none" if config.colocated else config.kv.resolved_transport(config.device),
         router_policy=config.router.policy,
         max_model_len=max_model_len,
     )
 
 
-def load_report(stats: dict[str, dict[str, Any]]) -> pb.LoadReport:
-    """Per instance load from ``Controller.stats()``."""
+def step_coefficients(phase: Mapping[str, Any]) -> pb.StepCoefficients:
+    """One phase of ``LatencyModel.to_dict()`` as the API's message."""
+    msg = pb.StepCoefficients(
+        a=phase["a"],
+        b=phase["b"],
+        c=phase["c"],
+        num_samples=phase["num_observed"],
+        window_samples=phase["window_samples"],
+    )
+    if phase.get("relative_error") is not None:
+        msg.relative_error = phase["relative_error"]
+    return msg
+
+
+def _instance_load(name: str, s: Mapping[str, Any], model: LatencyModel | None) -> pb.InstanceLoad:
+    msg = pb.InstanceLoad(
+        instance_id=name,
+        role=name.split("-")[0],
+        waiting=s["waiting"],
+        running=s["running"],
+        blocks_free=s["blocks_free"],
+        blocks_used=s["blocks_used"],
+        blocks_total=s["blocks_total"],
+        leased=s.get("leased", 0),
+        pending=s.get("pending", 0),
+        block_size=s.get("block_size", 0),
+        kv_bytes_per_token=s.get("kv_bytes_per_token", 0),
+        kv_transfers=s.get("kv_transfers", 0),
+        kv_transfer_bytes=s.get("kv_transfer_bytes", 0),
+        kv_transfer_seconds=s.get("kv_transfer_seconds", 0.0),
+    )
+    if model is not None:
+        fitted = model.to_dict()
+        msg.prefill_model.CopyFrom(step_coefficients(fitted["prefill"]))
+        msg.decode_model.CopyFrom(step_coefficients(fitted["decode"]))
+    return msg
+
+
+def load_report(
+    stats: Mapping[str, Mapping[str, Any]], models: Mapping[str, LatencyModel] | None = None
+) -> pb.LoadReport:
+    """Per instance load from ``Controller.stats()`` (with ``block_size`` and
+    ``kv_bytes_per_token`` when the caller adds them), and each instance's latency
+    model from ``models`` (``Router.models``; none for an instance not in it)."""
+    models = models or {}
     return pb.LoadReport(
-        instances=[
-            pb.InstanceLoad(
-                instance_id=name,
-                role=name.split("-")[0],
-                waiting=s["waiting"],
-                running=s["running"],
-                blocks_free=s["blocks_free"],
-                blocks_used=s["blocks_used"],
-                blocks_total=s["blocks_total"],
-                leased=s.get("leased", 0),
-                pending=s.get("pending", 0),
-            )
-            for name, s in stats.items()
-        ]
+        instances=[_instance_load(name, s, models.get(name)) for name, s in stats.items()]
     )

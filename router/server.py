@@ -19,7 +19,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from decode.instance import DecodeInstance
 from engine.core import RequestIdInUse
+from engine.layout import kv_bytes_per_token
+from prefill.instance import PrefillInstance
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
 from router import api
@@ -89,8 +92,18 @@ class PDServeServicer(pb_grpc.PDServeServicer):
     async def GetLoad(
         self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LoadReport:
-        """Per instance: queue, running, KV blocks free/used/total, leases, pending."""
-        return api.load_report(self.controller.stats())
+        """Per instance: queue, running, KV blocks free/used/total, leases, pending, KV
+        geometry and transfers, and the router's fitted latency model."""
+        stats = self.controller.stats()
+        insts: list[PrefillInstance | DecodeInstance] = [*self.controller.prefill]
+        insts += self.controller.decode
+        for inst in insts:
+            info = inst.executor.info
+            stats[inst.instance_id] |= {
+                "block_size": info.block_size,
+                "kv_bytes_per_token": kv_bytes_per_token(inst.model_config, info.dtype, 1),
+            }
+        return api.load_report(stats, self.controller.router.models)
 
 
 class Server:

@@ -10,9 +10,12 @@ Where it may differ from a measured run:
 
 - Step time is the latency model's prediction, nothing else: no noise, no contention
   between instances sharing cores or links, no Python or gRPC overhead around the
-  forward unless ``PoolSpec.step_overhead_s`` adds it. A mixed step (prefill chunks
-  and decodes together) costs the prefill part plus the decode part, each with its
-  own fixed term. The router predicts with the same model (no online refit).
+  forward, unless ``PoolSpec.step_overhead_s`` adds a fixed cost or
+  ``PoolSpec.step_time_ratios`` multiplies each step by a measured observed ÷
+  predicted ratio (``bench.sim.calibrate`` takes them from a real run). A mixed step
+  (prefill chunks and decodes together) costs the prefill part plus the decode part,
+  each with its own fixed term. The router predicts with the same model (no online
+  refit).
 - No prefix caching: every prompt (and every recompute after a preemption, which the
   real block manager often serves from its cache) is computed whole.
 - A transfer moves the prompt's whole blocks at the pair's full bandwidth, one at a

@@ -23,7 +23,12 @@ class PoolSpec:
     """``count`` identical instances of one role: their latency model (step times),
     KV cache (``num_blocks`` blocks of ``block_size`` tokens) and scheduler limits
     (``engine.config.SchedulerConfig``'s). ``step_overhead_s`` is added to every step
-    (scheduling and messaging around the forward that the fitted model leaves out)."""
+    (scheduling and messaging around the forward that the fitted model leaves out).
+    ``step_time_ratios``: observed ÷ predicted step times of a real run; when given,
+    each step's predicted time is multiplied by one of them drawn at random (from a
+    generator seeded with ``seed`` and the instance id, so runs stay deterministic):
+    the real steps' spread around the model, which queueing turns into longer waits
+    than the mean alone gives."""
 
     count: int
     latency: LatencyModel
@@ -33,6 +38,8 @@ class PoolSpec:
     max_num_batched_tokens: int = 2048
     chunked_prefill: bool = True
     step_overhead_s: float = 0.0
+    step_time_ratios: tuple[float, ...] = ()
+    seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("count", "num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -42,6 +49,10 @@ class PoolSpec:
         if not isinstance(self.latency, LatencyModel):
             raise ValueError(f"PoolSpec.latency must be a LatencyModel, got {self.latency!r}")
         _check_nonneg("PoolSpec.step_overhead_s", self.step_overhead_s)
+        object.__setattr__(self, "step_time_ratios", tuple(self.step_time_ratios))
+        bad = [r for r in self.step_time_ratios if not (math.isfinite(r) and r > 0)]
+        if bad:
+            raise ValueError(f"PoolSpec.step_time_ratios must be finite and > 0, got {bad[0]!r}")
 
     @property
     def capacity_tokens(self) -> int:

@@ -17,11 +17,14 @@
 A step lasts ``step_overhead_s + predict_prefill(chunks of > 1 token) +
 predict_decode(single-token entries, their context)``: a mixed step costs its prefill
 part plus its decode part, each with its own fixed term ``a``, the way the engine's
-step statistics split a step (``engine.requests.step_stats``).
+step statistics split a step (``engine.requests.step_stats``). With
+``PoolSpec.step_time_ratios`` the two predictions are multiplied by one ratio drawn
+per step from the instance's own seeded generator.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from bench.sim.batcher import Batcher, Step
@@ -55,6 +58,9 @@ class SimInstance:
         )
         self.stats = InstanceStats(instance_id)
         self.busy = False  # a loop iteration is due or running (a step or a pull)
+        self._ratios = spec.step_time_ratios
+        # A str seed hashes the same in every process: runs are reproducible.
+        self._rng = random.Random(f"{spec.seed}:{instance_id}")
         self.view: Any = None  # the router's view of this instance, None when stale
 
     def kick(self, now: float) -> None:
@@ -76,8 +82,11 @@ class SimInstance:
         for seq, _n in step.entries:
             if seq.rec.prefill_start_s is None:
                 seq.rec.prefill_start_s = now
-        seconds = self.spec.step_overhead_s + self.model.predict_prefill(step.chunks)
+        seconds = self.model.predict_prefill(step.chunks)
         seconds += self.model.predict_decode(step.decodes, step.context)
+        if self._ratios:
+            seconds *= self._ratios[self._rng.randrange(len(self._ratios))]
+        seconds += self.spec.step_overhead_s
         st = self.stats
         st.steps += 1
         st.busy_s += seconds

@@ -264,6 +264,18 @@ def test_mixed_step_costs_prefill_plus_decode() -> None:
     assert gap == pytest.approx(pf([200]) + dec(1, context))
 
 
+def test_step_time_ratios_scale_each_step_deterministically() -> None:
+    doubled = PoolSpec(1, model(), 4096, step_time_ratios=(2.0,), step_overhead_s=0.01)
+    (r,) = simulate([(0.0, 500, 1)], pd(prefill=doubled)).requests
+    assert r.ttft_s == pytest.approx(2 * pf([500]) + 0.01)  # the ratio, then the overhead
+    spread = pd(prefill=PoolSpec(1, model(), 4096, step_time_ratios=(0.5, 1.5)))
+    trace = [(10.0 * i, 300, 1) for i in range(40)]  # isolated: TTFT is one step
+    one, two = (simulate(trace, spread).requests for _ in range(2))
+    ratios = [r.ttft_s / pf([300]) for r in one]  # type: ignore[operator]
+    assert set(map(round, [2 * x for x in ratios])) == {1, 3}  # both drawn
+    assert [r.ttft_s for r in one] == [r.ttft_s for r in two]
+
+
 def test_shortest_first_prefill_overtakes() -> None:
     trace = [(0.0, 2000, 1), (0.001, 1500, 1), (0.002, 100, 1)]
     # Without chunking: the first runs alone (over the budget), then one of the others.
@@ -368,6 +380,8 @@ def test_bad_configs() -> None:
         PoolSpec(0, model(), 64)
     with pytest.raises(ValueError, match="num_blocks"):
         PoolSpec(1, model(), 0)
+    with pytest.raises(ValueError, match="step_time_ratios"):
+        PoolSpec(1, model(), 64, step_time_ratios=(1.0, 0.0))
     with pytest.raises(ValueError, match="not both"):
         SimConfig(prefill=spec, colocated=spec)
     with pytest.raises(ValueError, match="decode pool"):

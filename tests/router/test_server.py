@@ -175,3 +175,46 @@ def test_health_reflection_info_load(server: Running, client: Client) -> None:
     load = client.load()
     assert sorted(i.instance_id for i in load.instances) == ["decode-0", "prefill-0"]
     assert all(i.blocks_total == 48 for i in load.instances)
+
+
+def test_load_report_carries_each_instance_latency_model() -> None:
+    from router import api
+    from router.latency_model import LatencyModel
+    from router.step_fit import Coefficients
+
+    model = LatencyModel(Coefficients(0.01, 2e-4, 1e-9), Coefficients(0.02, 3e-6, 4e-4))
+    base = {"waiting": 0, "running": 1, "blocks_free": 3, "blocks_used": 1, "blocks_total": 4}
+    stats = {
+        "prefill-0": {**base, "leased": 2, "block_size": 16, "kv_bytes_per_token": 512},
+        "decode-0": {
+            **base,
+            "kv_transfers": 3,
+            "kv_transfer_bytes": 900,
+            "kv_transfer_seconds": 0.5,
+        },
+    }
+    report = api.load_report(stats, {"prefill-0": model})
+    p, d = report.instances
+    assert (p.role, p.leased, p.block_size, p.kv_bytes_per_token) == ("prefill", 2, 16, 512)
+    assert (p.prefill_model.a, p.prefill_model.b, p.prefill_model.c) == (0.01, 2e-4, 1e-9)
+    assert (p.decode_model.a, p.decode_model.b, p.decode_model.c) == (0.02, 3e-6, 4e-4)
+    assert p.prefill_model.num_samples == 0 and not p.prefill_model.HasField("relative_error")
+    assert (d.kv_transfers, d.kv_transfer_bytes, d.kv_transfer_seconds) == (3, 900, 0.5)
+    assert not d.HasField("prefill_model")  # no model known for it
+
+
+def test_load_reports_fitted_models_and_kv_geometry(client: Client, tiny_llama: Path) -> None:
+    from engine.layout import kv_bytes_per_token
+    from engine.model_config import ModelConfig
+
+    client.generate(PROMPT[::-1], max_tokens=6, temperature=0.0, ignore_eos=True)
+    load = {i.role: i for i in client.load().instances}
+    per_token = kv_bytes_per_token(ModelConfig.from_pretrained(str(tiny_llama)), "float32", 1)
+    for inst in load.values():
+        assert inst.block_size == 16 and inst.kv_bytes_per_token == per_token
+        fitted = inst.prefill_model if inst.role == "prefill" else inst.decode_model
+        assert fitted.num_samples > 0 and fitted.window_samples > 0  # profiled at start
+        assert fitted.a + fitted.b + fitted.c > 0 and fitted.HasField("relative_error")
+    decode = load["decode"]
+    assert decode.kv_transfers > 0 and decode.kv_transfer_bytes > 0
+    assert decode.kv_transfer_seconds > 0
