@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from router import cli_engine, cli_plan, cli_serve
+from router import cli_bench, cli_engine, cli_plan, cli_serve
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_serve.add_serve(sub)
     cli_serve.add_client(sub)
     cli_plan.add_plan(sub)
+    cli_bench.add_bench(sub)
     return parser
 
 
