@@ -35,7 +35,7 @@ import yaml
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.loadgen import run_workload, warm_up
+from bench.loadgen import prompt_seed, run_workload, warm_up
 from bench.metrics import SLO, RequestRecord, summarize
 from bench.workload import Workload
 from protos import pdserve_pb2 as pb
@@ -168,12 +168,6 @@ def deployment(
             yield dep
         finally:
             _stop(process, stop_timeout_s)
-
-
-def prompt_seed(seed: int, run: int) -> int:
-    """The prompt seed of run ``run`` (0, 1, …); distinct from every other run's and
-    from the warm-up's (``warm_up`` uses ``seed + 1``)."""
-    return seed + 1_000 * (run + 1)
 
 
 @dataclass

@@ -224,6 +224,12 @@ def run_workload(
         bar.close()
 
 
+def prompt_seed(seed: int, run: int) -> int:
+    """The prompt seed of run ``run`` (0, 1, …); distinct from every other run's and
+    from the warm-up's (``warm_up`` uses ``seed + 1``)."""
+    return seed + 1_000 * (run + 1)
+
+
 def warm_up(address: str, workload: Workload, vocab_size: int, n: int, seed: int = 0) -> None:
     """Runs the first ``n`` requests of ``workload`` one after the other, unrecorded,
     so that the measured runs do not pay the server's first-call costs."""

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import CLIENTS, run_workload, server_workers, warm_up
+from bench.loadgen import CLIENTS, prompt_seed, run_workload, server_workers, warm_up
 from bench.metrics import SLO, goodput, summarize
 from bench.plots import plot_attainment_vs_rate, plot_attainment_vs_scale, plot_phase_breakdown
 from bench.traces import SYNTHETIC_DISTS, SyntheticLengths
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             args.address,
             wl,
             args.vocab_size,
-            seed=args.seed,
+            # Fresh prompts per run: another run's would hit the prefix cache.
+            seed=prompt_seed(args.seed, len(runs)),
             slo=slo if args.send_slo else None,
             client=args.client,
             timeout_s=args.timeout_s,

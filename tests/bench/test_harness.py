@@ -18,8 +18,8 @@ from bench.harness import (
     deployment,
     free_port,
     load_config,
-    prompt_seed,
 )
+from bench.loadgen import prompt_seed
 from router.config import PoolConfig, RouterConfig, ServeConfig
 
 
