@@ -122,13 +122,21 @@ def analyse(rows: list[dict[str, Any]], cfg: Any, kv: int, tflops: float, gbs: f
 def measure_depth(args: argparse.Namespace, layers: int, ceilings: tuple[float, float]) -> Any:
     """Times the points on a model of ``layers`` layers; its report."""
     from decode.llm import LLM
-    from engine.config import CacheConfig, EngineConfig
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from engine.layout import kv_bytes_per_token
     from router.latency_model import DecodeSample, LatencyModel, PrefillSample
 
     path = model_dir(layers)
     cache = CacheConfig(kv_cache_bytes=int(args.kv_cache_gib * 2**30), enable_prefix_caching=False)
-    llm = LLM(EngineConfig(model=str(path), dtype="bfloat16", device=args.device, cache=cache))
+    config = EngineConfig(
+        model=str(path),
+        dtype="bfloat16",
+        device=args.device,
+        cache=cache,
+        scheduler=SchedulerConfig(max_num_seqs=max(DECODE_BATCHES)),  # graphs cover all
+        cuda_graphs=not args.eager,
+    )
+    llm = LLM(config)
     cfg = llm.model_config
     kv = kv_bytes_per_token(cfg, "bfloat16", 1)
     rows = time_points(llm, args.repeats)
@@ -182,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--layers", default="4,12", help="two depths (host cost per layer)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
     p.add_argument("--kv-cache-gib", type=float, default=16.0)
     p.add_argument("--published", default="h200", help="bench.planner device of the figures")
     p.add_argument("--out", default=str(RESULTS / "calibrate.json"))

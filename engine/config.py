@@ -134,6 +134,7 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs where eligible
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

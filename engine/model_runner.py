@@ -9,6 +9,7 @@ import torch
 from engine.attention import get_attention_backend
 from engine.config import EngineConfig
 from engine.cpu import configure_cpu_runtime, cpu_half_is_fast
+from engine.cuda_graphs import DecodeGraphs
 from engine.forward_batch import ForwardBatch
 from engine.loader import load_weights
 from engine.memory import host_memory_bytes, num_kv_blocks
@@ -85,6 +86,7 @@ class ModelRunner:
             model_cfg.max_position_embeddings,
         )
         backend = get_attention_backend(config.attention_backend, self.device)
+        self.attention_backend = backend.name
         torch_dtype = TORCH_DTYPES[dtype]
         with torch.device(self.device):
             self.model = CausalLM(
@@ -103,9 +105,25 @@ class ModelRunner:
         )
         self.kv_caches = self._allocate_kv(model_cfg, num_blocks, block_size, torch_dtype)
         self.info = RuntimeInfo(dtype, num_blocks, block_size, max_len)
+        self.graphs = self._decode_graphs(model_cfg, max_len)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
         self.block_tables: dict[str, list[int]] = {}  # kept across steps (diffs)
+
+    def _decode_graphs(self, cfg: ModelConfig, max_len: int) -> DecodeGraphs | None:
+        """CUDA graphs for decode steps: on CUDA with the Triton kernels (the torch
+        reference reads lengths on the host), for a single-rank instance of a dense
+        model (collectives and MoE routing stay eager)."""
+        single = self.pc.tp_size == 1 and len(self.layers) == cfg.num_layers
+        cuda = self.device.type == "cuda" and self.attention_backend == "triton"
+        if not (self.config.cuda_graphs and cuda and single):
+            return None
+        if cfg.num_experts:
+            return None
+        max_blocks = -(-max_len // self.info.block_size)
+        return DecodeGraphs(
+            self.model, self.kv_caches, self.config.scheduler.max_num_seqs, max_blocks
+        )
 
     def _free_memory(self) -> int:
         if self.device.type == "cuda":
@@ -121,6 +139,8 @@ class ModelRunner:
             self.model.config, num_blocks, self.info.block_size, dtype
         )
         self.info = replace(self.info, num_blocks=num_blocks)
+        if self.graphs is not None:
+            self.graphs.use_kv(self.kv_caches)
         return self.info
 
     def _allocate_kv(
@@ -140,6 +160,8 @@ class ModelRunner:
         """Forwards one step (prefill entries first, then single-token decodes) and
         samples the next token of every entry with ``sample`` set, in order."""
         batch = self.build_batch(steps)
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.sample(steps, self.graphs.run(batch))
         return self.sample(steps, self.model(batch, self.kv_caches))
 
     def sample(self, steps: list[SeqStep], logits: torch.Tensor) -> SamplerOutput:
