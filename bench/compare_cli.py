@@ -28,7 +28,8 @@ from engine.model_config import ModelConfig
 from router.config import ServeConfig
 
 
-def _floats(text: str) -> list[float]:
+def positive_floats(text: str) -> list[float]:
+    """argparse type: comma-separated numbers, all > 0."""
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
@@ -51,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="base ServeConfig YAML (pools are replaced)")
     p.add_argument("--model", default=None, help="model directory (default: config's, built-in)")
     p.add_argument("--workers", type=int, default=2, help="workers (CPU instances) per system")
-    p.add_argument("--rates", type=_floats, default=_floats("0.5,1,1.5,2,2.5"), help="req/s")
+    p.add_argument(
+        "--rates", type=positive_floats, default=positive_floats("0.5,1,1.5,2,2.5"), help="req/s"
+    )
     p.add_argument("--num-requests", type=int, default=60, help="requests per rate")
     p.add_argument("--dataset", default="azure-conv", help="azure-conv|azure-code|synthetic|F")
     p.add_argument(
@@ -61,7 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="lengths are scaled so this quantile of requests fits the model (the rest cut)",
     )
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    p.add_argument("--slo-tpot-ms", type=_floats, default=_floats("100,200"), help="tight,loose")
+    p.add_argument(
+        "--slo-tpot-ms",
+        type=positive_floats,
+        default=positive_floats("100,200"),
+        help="tight,loose",
+    )
     p.add_argument("--pd", type=_pd, default=None, help="P:D of the disaggregated system")
     p.add_argument("--chunk-size", type=int, default=512, help="chunked prefill token budget")
     p.add_argument("--transport", default="local", help="KV transport of the disaggregated one")

@@ -30,6 +30,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict, ParseDict
 
+from bench.compare_cli import positive_floats
 from bench.harness import RunResult, deployment, load_config, run_rates
 from bench.metrics import SLO, RequestRecord, summarize
 from bench.plots import plot_attainment_vs_rate
@@ -43,20 +44,12 @@ from router.config import ServeConfig
 DEFAULT_RATES = "1,2,4,5,6,8"
 
 
-def _rates(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected rates > 0, got {text!r}")
-    return values
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The command's flags (shared with ``pdserve bench validate``)."""
     p.add_argument("--config", default=None, help="ServeConfig YAML (default: 1P+1D built-in)")
-    p.add_argument("--rates", type=_rates, default=_rates(DEFAULT_RATES), help="req/s list")
+    p.add_argument(
+        "--rates", type=positive_floats, default=positive_floats(DEFAULT_RATES), help="req/s list"
+    )
     p.add_argument("--num-requests", type=int, default=100, help="requests per rate")
     p.add_argument("--dataset", default="azure-conv", help="azure-conv|azure-code|synthetic|F")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="default: the config's")
