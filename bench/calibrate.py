@@ -94,13 +94,13 @@ def decode_bytes(cfg: Any, batch: int, context: int, kv_per_token: int) -> float
 
 def time_points(llm: Any, repeats: int) -> list[dict[str, Any]]:
     """Median seconds of each prefill and decode point (the first run warms up)."""
-    from router.routing import _timed_step
+    from router.routing import timed_step
 
     points = [("prefill", lengths) for lengths in PREFILL_POINTS]
     points += [("decode", [DECODE_CONTEXT] * b) for b in DECODE_BATCHES]
     rows = []
     for kind, lengths in tqdm(points, desc="steps"):
-        runs = [_timed_step(llm, lengths, kind == "prefill") for _ in range(repeats + 1)][1:]
+        runs = [timed_step(llm, lengths, kind == "prefill") for _ in range(repeats + 1)][1:]
         times = [t for t in runs if t is not None]
         if len(times) < len(runs):
             raise RuntimeError(f"{kind} {lengths[:1]}x{len(lengths)} does not fit the KV cache")

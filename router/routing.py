@@ -164,7 +164,7 @@ def _run_plan(
         points += [([max(1, ctx // bs)] * bs, False) for bs, ctx in plan.decode_points]
     for lengths, is_prefill in points:
         for repeat in range(plan.repeats + 1):  # the first run warms up and is dropped
-            seconds = _timed_step(inst, lengths, is_prefill)
+            seconds = timed_step(inst, lengths, is_prefill)
             if seconds is None or not repeat:
                 continue
             if is_prefill:
@@ -174,7 +174,7 @@ def _run_plan(
     return samples
 
 
-def _timed_step(inst: EngineCore, lengths: list[int], is_prefill: bool) -> float | None:
+def timed_step(inst: EngineCore, lengths: list[int], is_prefill: bool) -> float | None:
     """One forward over sequences of ``lengths`` tokens: whole prompts, or one new token
     each on top of that context. None when the blocks do not fit."""
     bm, vocab = inst.block_manager, inst.model_config.vocab_size
