@@ -5,7 +5,8 @@ Moves the KV of one prompt (``small`` preset geometry, the engine's CPU dtype) f
 Ray actor to another (TP1 -> TP1, blocks scattered at random in both caches) with every
 transport, and measures in the same run, between the same two processes, the floor of
 its path: a plain TCP socket stream of the same bytes on loopback (grpc, gloo) and a
-plain memcpy of the same bytes (local). Transfer times are end to end at the driver
+plain memcpy of the same bytes (local: straight into the destination's shared pool,
+and through the two-copy ring for comparison). Transfer times are end to end at the driver
 (actor calls included); floors are timed inside the workers (pure data path). Each
 figure is the median of ``--repeats`` runs, interleaved. Also prints the transfer time
 as a share of the prompt's TTFT (prefill of the real engine, ``max_tokens=1``).
@@ -40,6 +41,7 @@ TRANSPORTS: list[tuple[str, str, dict[str, Any], str, float]] = [
     ("grpc", "grpc", {}, "socket", 0.6),
     ("gloo", "gloo", {}, "socket", 0.0),
     ("local", "local", {}, "memcpy", 0.5),
+    ("local/ring", "local", {"direct": False}, "memcpy", 0.0),
     ("local/object-store", "local", {"via": "object_store"}, "memcpy", 0.0),
 ]
 CHUNK = 4 << 20
@@ -288,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     actor = remote_class(BenchHolder).options(num_cpus=0.5, runtime_env=WORKER_ENV)
     layers, heads = range(shape.num_layers), range(shape.num_kv_heads)
     geo = (num_blocks, shape.block_size, shape.head_dim, shape.dtype)
-    src, dst = actor.remote(layers, heads, *geo, seed=0), actor.remote(layers, heads, *geo, seed=1)
+    # The destination's pool is shared, as a decode worker's is under the local transport.
+    src = actor.remote(layers, heads, *geo, seed=0)
+    dst = actor.remote(layers, heads, *geo, seed=1, shared=True)
     times = asyncio.run(measure_transfers(shape, tokens, args.repeats, src, dst, num_blocks))
     ray.shutdown()
     rows = summarize(shape, times, ttft)

@@ -24,7 +24,9 @@ class CacheConfig:
 
     ``kv_cache_bytes`` wins when set; otherwise ``memory_fraction`` of the device's
     free memory (CUDA) or of total RAM (CPU) goes to the cache after weights.
-    ``num_blocks`` fixes the count outright (tests use it).
+    ``num_blocks`` fixes the count outright (tests use it). ``shared_memory`` (CPU,
+    Linux) puts the pool in one shared file (``engine.kv_arena``) so that same-host
+    peers write transferred KV straight into it (the ``local`` transport's one copy).
     """
 
     block_size: int = 16
@@ -32,6 +34,7 @@ class CacheConfig:
     memory_fraction: float = 0.1
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    shared_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -150,3 +153,5 @@ class EngineConfig:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.cache.shared_memory and self.device != "cpu":
+            raise ValueError(f"cache.shared_memory needs device 'cpu', got {self.device!r}")

@@ -11,6 +11,7 @@ from engine.config import EngineConfig
 from engine.cpu import configure_cpu_runtime, cpu_half_is_fast
 from engine.cuda_graphs import DecodeGraphs
 from engine.forward_batch import ForwardBatch
+from engine.kv_arena import KVArena
 from engine.loader import load_weights
 from engine.memory import host_memory_bytes, num_kv_blocks
 from engine.model import CausalLM, KVCache
@@ -103,6 +104,7 @@ class ModelRunner:
             self.pc.tp_size,
             num_layers=len(self.layers),
         )
+        self.kv_arena: KVArena | None = None
         self.kv_caches = self._allocate_kv(model_cfg, num_blocks, block_size, torch_dtype)
         self.info = RuntimeInfo(dtype, num_blocks, block_size, max_len)
         self.graphs = self._decode_graphs(model_cfg, max_len)
@@ -134,6 +136,9 @@ class ModelRunner:
         """Reallocates the KV pool with ``num_blocks`` blocks (contents are dropped): the
         ranks of an instance agree on one count after each sized its own."""
         self.kv_caches = []  # free the old pool before allocating the new one
+        if self.kv_arena is not None:
+            self.kv_arena.retire()
+            self.kv_arena = None
         dtype = TORCH_DTYPES[self.info.dtype]
         self.kv_caches = self._allocate_kv(
             self.model.config, num_blocks, self.info.block_size, dtype
@@ -148,6 +153,9 @@ class ModelRunner:
     ) -> list[KVCache]:
         heads = head_part(cfg.num_kv_heads, cfg.head_dim, self.pc).local_rows // cfg.head_dim
         shape = (num_blocks, block_size, heads, cfg.head_dim)
+        if self.config.cache.shared_memory:
+            self.kv_arena = KVArena(len(self.layers), shape, dtype)
+            return self.kv_arena.caches
         return [
             (
                 torch.zeros(shape, dtype=dtype, device=self.device),

@@ -216,7 +216,8 @@ class Worker(KVTransferMixin):
         cfg, stage = runner.model.config, self.stage
         layout = KVLayout(self.pc.tp_size, stage.pp_size, stage.boundaries, stage.tp_size)
         rank = stage.pp_rank * stage.tp_size + stage.tp_rank
-        return KVView(runner.kv_caches, runner.layers, layout.kv_heads_of(rank, cfg.num_kv_heads))
+        heads = layout.kv_heads_of(rank, cfg.num_kv_heads)
+        return KVView(runner.kv_caches, runner.layers, heads, runner.kv_arena)
 
     def free(self, request_ids: list[str]) -> None:
         """Forgets per-request state of finished requests (local; no collective)."""

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from engine.kv_arena import KVArena
 from kvtransfer.layout import Move
 
 DTYPES: dict[str, torch.dtype] = {
@@ -39,11 +40,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class KVView:
-    """One worker's KV cache and the global layers / KV heads it holds."""
+    """One worker's KV cache and the global layers / KV heads it holds; ``arena`` is
+    the shared-memory pool the caches live in, when they do (same-host peers can then
+    write into them directly)."""
 
     caches: list[tuple[Tensor, Tensor]]
     layers: range
     kv_heads: range
+    arena: KVArena | None = None
 
     def __post_init__(self) -> None:
         if len(self.caches) != len(self.layers):

@@ -1,4 +1,6 @@
-"""The ``local`` transport (same host): pieces go through a shared-memory ring.
+"""The ``local`` transport (same host). Where the destination's KV pool is in shared
+memory the source writes into it directly (``kvtransfer.arena_copy``); otherwise the
+pieces go through a shared-memory ring, described here.
 
 Per (source worker, destination worker) channel the source makes a ring of ``slots``
 x ``slot_bytes`` in an anonymous shared file (``memfd``) and listens on an abstract
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtransfer.arena_copy import ArenaEndpoint
 from kvtransfer.blocks import KVView, MoveIO, Piece, slab, split_pieces
 from kvtransfer.layout import Move
 from kvtransfer.transport import (
@@ -230,17 +233,22 @@ class LocalChannels:
 
 
 class LocalTransport(KeyedChannelTransport):
-    """Same-host transfers through shared memory (or Ray's object store)."""
+    """Same-host transfers through shared memory (or Ray's object store): straight
+    into the destination's pool when it is shared and ``direct`` (one copy,
+    ``kvtransfer.arena_copy``), else through a ring (two copies, in parallel)."""
 
     name = "local"
 
-    def __init__(self, slots: int = 4, slot_bytes: int = 4 << 20, via: str = "shm"):
+    def __init__(
+        self, slots: int = 4, slot_bytes: int = 4 << 20, via: str = "shm", direct: bool = True
+    ):
         super().__init__()
         if via not in ("shm", "object_store"):
             raise ValueError(f"via must be 'shm' or 'object_store', got {via!r}")
         if slots < 1 or slot_bytes < 1:
             raise ValueError(f"slots and slot_bytes must be >= 1, got {slots}, {slot_bytes}")
         self.slots, self.slot_bytes, self.via = slots, slot_bytes, via
+        self.direct = direct
 
     async def _pair(
         self,
@@ -261,11 +269,15 @@ class LocalTransport(KeyedChannelTransport):
                 raise
         pair = (actor_key(src), actor_key(dst))
         if pair not in self._channels:
-            key = uuid.uuid4().hex[:16]
-            ep = await src.local_open.remote(key, self.slots, self.slot_bytes)
+            ep = await dst.local_export.remote() if self.direct else None
+            if ep is None:  # the destination's pool is not shared: through a ring
+                key = uuid.uuid4().hex[:16]
+                ep = await src.local_open.remote(key, self.slots, self.slot_bytes)
             self._channels[pair] = (ep, src, dst)
         ep = self._channels[pair][0]
         timeout = self.remaining(deadline)
+        if isinstance(ep, ArenaEndpoint):
+            return int(await src.local_write.remote(ep, moves, timeout))
         sent = src.local_send.remote(ep.key, moves, timeout)
         written = dst.local_recv.remote(ep, moves, timeout)
         return await both_ends(sent, written)

@@ -23,6 +23,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
+from kvtransfer.arena_copy import ArenaEndpoint, ArenaExports, ArenaWriters
 from kvtransfer.blocks import KVView, dtype_name, gather, scatter
 from kvtransfer.dist_transport import DistChannel, DistGroups
 from kvtransfer.grpc_transport import DEFAULT_MAX_BYTES, Channels, KVServer, pull
@@ -86,13 +87,15 @@ def tune_malloc() -> None:
 class _State:
     """Transport state of one worker, made on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, view: Callable[[], KVView]) -> None:
         tune_malloc()
         self.lock = threading.Lock()
         self.server: KVServer | None = None
         self.channels = Channels()
         self.dist = DistGroups()
         self.local = LocalChannels()
+        self.exports = ArenaExports(view)
+        self.writers = ArenaWriters()
 
 
 def resolve_host(host: str) -> str:
@@ -115,7 +118,7 @@ class KVTransferMixin:
         with _INIT_LOCK:
             state: _State | None = self.__dict__.get("_kv_transfer_state")
             if state is None:
-                state = self.__dict__["_kv_transfer_state"] = _State()
+                state = self.__dict__["_kv_transfer_state"] = _State(self.kv_view)
             return state
 
     # -- Ray object store ------------------------------------------------------------
@@ -214,13 +217,27 @@ class KVTransferMixin:
         returns the bytes written. ValueError naming expected vs got on a mismatch."""
         return self._kv_state().local.recv(self.kv_view(), endpoint, moves, timeout_s)
 
+    @kv_method
+    def local_export(self) -> ArenaEndpoint | None:
+        """Destination: where same-host sources map this worker's KV pool to write into
+        it directly (``local_write``), or None when the pool is not in shared memory."""
+        return self._kv_state().exports.export()
+
+    @kv_method
+    def local_write(self, endpoint: ArenaEndpoint, moves: list[Move], timeout_s: float) -> int:
+        """Source: copies ``moves`` straight into the destination pool at ``endpoint``
+        (mapped on first use); the destination takes no part. Returns the bytes written;
+        ValueError naming both sides on a geometry mismatch, ConnectionError when that
+        pool was reallocated, TimeoutError past ``timeout_s``."""
+        return self._kv_state().writers.write(self.kv_view(), endpoint, moves, timeout_s)
+
     # -- lifecycle ---------------------------------------------------------------------
     @kv_method
     def drop_channel(self, key: str) -> bool:
-        """Drops pair channel ``key`` (dist group or shared-memory ring) after a failed
+        """Drops pair channel ``key`` (dist group, shared ring or mapped pool) after a failed
         transfer; the driver opens a new one. Returns whether it existed here."""
         state = self._kv_state()
-        return state.dist.drop(key) | state.local.drop(key)
+        return state.dist.drop(key) | state.local.drop(key) | state.writers.drop(key)
 
     @kv_method
     def close_transports(self) -> None:
@@ -233,6 +250,8 @@ class KVTransferMixin:
         state.channels.close()
         state.dist.close()
         state.local.close()
+        state.exports.close()
+        state.writers.close()
 
 
 def _resolved(ch: DistChannel) -> DistChannel:

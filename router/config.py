@@ -23,6 +23,7 @@ import yaml
 
 from engine.config import DTYPES, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from engine.executor import PLACEMENT_STRATEGIES
+from engine.kv_arena import shared_memory_supported
 from prefill.scheduler import PREFILL_POLICIES
 from router.policies import Policy, make_policy
 
@@ -66,9 +67,16 @@ class PoolConfig:
         self.engine_config("model", "auto", "cpu", 16, None)  # validates the rest
 
     def engine_config(
-        self, model: str, dtype: str, device: str, block_size: int, max_model_len: int | None
+        self,
+        model: str,
+        dtype: str,
+        device: str,
+        block_size: int,
+        max_model_len: int | None,
+        shared_kv: bool = False,
     ) -> EngineConfig:
-        """The ``EngineConfig`` of one instance of this pool."""
+        """The ``EngineConfig`` of one instance of this pool (``shared_kv``: its KV pool
+        in shared memory, for the local transport's one-copy path)."""
         return EngineConfig(
             model=model,
             dtype=dtype,
@@ -81,6 +89,7 @@ class PoolConfig:
                 memory_fraction=self.memory_fraction,
                 num_blocks=self.num_blocks,
                 enable_prefix_caching=self.enable_prefix_caching,
+                shared_memory=shared_kv,
             ),
             scheduler=SchedulerConfig(
                 self.max_num_seqs, self.max_num_batched_tokens, self.chunked_prefill
@@ -231,8 +240,16 @@ class ServeConfig:
             raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
         pool = self.prefill if role == "prefill" else self.decode
         model = self.model or "(built-in)"
+        # The local transport writes into a decode instance's pool when it is shared.
+        shared = (
+            role == "decode"
+            and self.device == "cpu"
+            and not self.colocated
+            and self.kv.resolved_transport(self.device) == "local"
+            and shared_memory_supported()
+        )
         return pool.engine_config(
-            model, self.dtype, self.device, self.block_size, self.max_model_len
+            model, self.dtype, self.device, self.block_size, self.max_model_len, shared
         )
 
     @classmethod

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from kvtransfer.arena_copy import ArenaEndpoint
 from kvtransfer.layout import KVShape, Move
 from kvtransfer.testing import KVHolder
 from kvtransfer.transport import TransferError, Transport, make_transport
@@ -21,30 +22,33 @@ LAYERS, HEADS, BLOCKS, BLOCK_SIZE, HEAD_DIM = 4, 2, 32, 16, 64
 TRANSPORTS: list[Any] = [
     pytest.param(("grpc", {"max_bytes": 8192}), id="grpc"),
     pytest.param(("gloo", {"max_bytes": 8192}), id="gloo"),
-    pytest.param(("local", {"slots": 2, "slot_bytes": 8192}), id="local-shm"),
+    pytest.param(("local", {}), id="local-direct"),  # into the shared destination pools
+    pytest.param(("local", {"slots": 2, "slot_bytes": 8192, "direct": False}), id="local-ring"),
     pytest.param(("local", {"via": "object_store"}), id="local-object-store"),
     pytest.param(("nccl", {}), id="nccl", marks=pytest.mark.gpu),
 ]
 
 
-def holder() -> Any:
+def holder(shared: bool = False) -> Any:
     actor = remote_class(KVHolder).options(num_cpus=0.25)
-    return actor.remote(range(LAYERS), range(1), BLOCKS, BLOCK_SIZE, HEAD_DIM)
+    return actor.remote(range(LAYERS), range(1), BLOCKS, BLOCK_SIZE, HEAD_DIM, shared=shared)
 
 
 @pytest.fixture(scope="module")
 def workers(ray_cluster: None) -> Iterator[dict[str, Any]]:
     """One source rank (heads 0-1 of layers 0-3, TP1), two destination ranks (one head
-    each, TP2) and a destination that is gone (killed before it started)."""
+    each, TP2; KV in shared memory, as decode workers under the local transport), a
+    destination whose KV is private, and one that is gone (killed before it started)."""
     import ray
 
-    src, dsts = holder(), [holder(), holder()]
+    src, dsts, private = holder(), [holder(True), holder(True)], holder()
     dead = holder()
     ray.kill(dead)
-    ray.get([a.pid.remote() for a in (src, *dsts)], timeout=120)
-    yield {"src": src, "dsts": dsts, "dead": dead}
-    ray.get([a.close_transports.remote() for a in (src, *dsts)], timeout=30)
-    for a in (src, *dsts):
+    live = (src, *dsts, private)
+    ray.get([a.pid.remote() for a in live], timeout=120)
+    yield {"src": src, "dsts": dsts, "private": private, "dead": dead}
+    ray.get([a.close_transports.remote() for a in live], timeout=30)
+    for a in live:
         ray.kill(a)
 
 
@@ -204,3 +208,45 @@ def test_plan_and_names_are_checked(workers: dict[str, Any]) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="nccl KV transport needs CUDA"):
             make_transport("nccl")
+
+
+def test_local_falls_back_to_the_ring_for_a_private_pool(workers: dict[str, Any]) -> None:
+    """A destination whose KV is not in shared memory exports nothing: the same
+    transport goes through a ring, with the same bytes landing."""
+    import ray
+
+    (src,), _ = use(workers, "float32")
+    private = workers["private"]
+    ray.get(private.reset.remote(range(LAYERS), range(1), BLOCKS, BLOCK_SIZE, HEAD_DIM), timeout=30)
+    assert ray.get(private.local_export.remote(), timeout=30) is None
+    t = make_transport("local")
+    moves = [Move(0, 0, range(LAYERS), range(0, 1), (3, 4, 30), (0, 9, 2))]
+    before = caches(private)
+    run(t, moves, ([src], [private]), "float32", 30.0)
+    assert not isinstance(next(iter(t._channels.values()))[0], ArenaEndpoint)
+    t.close()
+    src_kv, after = caches(src), caches(private)
+    for layer in range(LAYERS):
+        for part in (0, 1):
+            assert torch.equal(
+                after[layer][part][[0, 9, 2], :, 0], src_kv[layer][part][[3, 4, 30], :, 0]
+            )
+            assert torch.equal(after[layer][part][5], before[layer][part][5])
+
+
+def test_local_direct_fails_on_a_reallocated_pool_then_recovers(workers: dict[str, Any]) -> None:
+    """The destination reallocates its pool after the source mapped it: the next transfer
+    fails (the old pool is retired) instead of writing where nobody reads; the one after
+    maps the new pool and lands."""
+    t = make_transport("local")
+    pair = use(workers, "float32")
+    run(t, plan((1, 2), (3, 4)), pair, "float32", 30.0)
+    assert all(isinstance(ep, ArenaEndpoint) for ep, _, _ in t._channels.values())
+    pair = use(workers, "float32")  # new pools; the transport still holds the old endpoints
+    with pytest.raises(TransferError, match="retired|stale"):
+        run(t, plan((1, 2), (3, 4)), pair, "float32", 30.0)
+    moves = plan((5, 6), (7, 8))
+    before = [caches(d) for d in pair[1]]
+    run(t, moves, pair, "float32", 30.0)
+    check_landed(pair, moves, before)
+    t.close()

@@ -41,6 +41,20 @@ def test_overrides_and_engine_config(tmp_path: Path) -> None:
     assert eng.parallel.world_size == 4 and eng.model == "m"
 
 
+def test_local_transport_shares_the_decode_pool() -> None:
+    """Only a decode pool fed by the local transport on the CPU is in shared memory
+    (the source writes into it directly); prefill pools never are."""
+    local = ServeConfig.from_dict({"kv": {"transport": "local"}})
+    assert local.engine_config("decode").cache.shared_memory
+    assert not local.engine_config("prefill").cache.shared_memory
+    for data in ({"kv": {"transport": "gloo"}}, {"prefill": {"num_instances": 0}}):
+        assert not ServeConfig.from_dict({**data}).engine_config("decode").cache.shared_memory
+    colocated = ServeConfig.from_dict(
+        {"prefill": {"num_instances": 0}, "kv": {"transport": "local"}}
+    )
+    assert not colocated.engine_config("decode").cache.shared_memory
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -1,0 +1,186 @@
+"""The ``local`` transport's one-copy path: the source worker writes a transfer's
+blocks straight into the destination's KV pool, which lives in shared memory
+(``engine.kv_arena``; ``CacheConfig.shared_memory``).
+
+Destination (:class:`ArenaExports`): a daemon thread serves the current pool's file
+descriptor on an abstract unix socket, to processes of the same user only
+(SO_PEERCRED). :meth:`ArenaExports.export` returns the :class:`ArenaEndpoint` the
+driver hands to sources. Source (:class:`ArenaWriters`): maps a destination's pool
+once (the mapping is cached by arena id) and copies each move from its own cache
+into the mapped one: a gather into a small staging buffer that stays in cache and a
+scatter out of it, per chunk of blocks, so memory sees one copy's traffic. The pool's
+header says whether it is still live (checked before and after writing): a pool the
+destination reallocated fails the transfer rather than losing it silently.
+
+A destination whose cache is not shared (a CUDA cache, ``shared_memory`` off) exports
+nothing and the driver falls back to the shared ring (``local_transport``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_arena import ArenaInfo, MappedArena
+from kvtransfer.blocks import KVView, MoveIO, dtype_name
+from kvtransfer.layout import Move
+
+# Rows staged per copy: small enough to stay in a core's L2 between gather and scatter.
+STAGE_BYTES = 256 << 10
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True)
+class ArenaEndpoint:
+    """Where a source finds a destination's shared KV pool: the socket that hands out
+    its file, the pool's geometry and the global layers / KV heads it holds. ``key`` (the
+    arena id) names the channel for ``drop_channel``."""
+
+    key: str
+    socket_name: str
+    info: ArenaInfo
+    layers: range
+    kv_heads: range
+
+
+class ArenaExports:
+    """Destination side: serves this worker's current shared KV pool to local peers."""
+
+    def __init__(self, view: Callable[[], KVView]):
+        self._view = view
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._name = f"\0pdkv-arena-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def export(self) -> ArenaEndpoint | None:
+        """The endpoint of the current pool, or None when the cache is not shared."""
+        view = self._view()
+        if view.arena is None:
+            return None
+        with self._lock:
+            if self._listener is None:
+                self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._listener.bind(self._name)
+                self._listener.listen(8)
+                threading.Thread(target=self._serve, args=(self._listener,), daemon=True).start()
+        info = view.arena.info
+        return ArenaEndpoint(info.arena_id, self._name, info, view.layers, view.kv_heads)
+
+    def _serve(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: this worker's transports are shutting down
+                return
+            with conn:
+                _, uid, _ = _CRED.unpack(
+                    conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
+                )
+                arena = self._view().arena
+                if uid != os.getuid() or arena is None or arena.fd < 0:
+                    continue  # the peer reads EOF: refused
+                socket.send_fds(conn, [arena.info.arena_id.encode()], [arena.fd])
+
+    def close(self) -> None:
+        """Stops serving (peers keep the pools they already mapped)."""
+        with self._lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+
+
+class ArenaWriters:
+    """Source side: destination pools mapped here (by arena id), and the writes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mapped: dict[str, tuple[MappedArena, KVView]] = {}
+
+    def _map(self, ep: ArenaEndpoint, timeout_s: float) -> tuple[MappedArena, KVView]:
+        with self._lock:
+            if ep.key in self._mapped:
+                return self._mapped[ep.key]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout_s)
+            conn.connect(ep.socket_name)
+            msg, fds, _, _ = socket.recv_fds(conn, 64, 1)
+        if len(fds) != 1:
+            raise ConnectionError(f"KV arena {ep.key}: the destination refused to share it")
+        try:
+            if msg.decode() != ep.key:
+                raise ValueError(
+                    f"stale KV arena {ep.key}: the destination's pool is now {msg.decode()}"
+                )
+            mapped = MappedArena(fds[0], ep.info)
+        finally:
+            os.close(fds[0])
+        entry = (mapped, KVView(mapped.caches, ep.layers, ep.kv_heads))
+        with self._lock:  # unmap pools their owners retired since
+            self._mapped = {k: e for k, e in self._mapped.items() if e[0].live}
+            self._mapped[ep.key] = entry
+        return entry
+
+    def write(self, view: KVView, ep: ArenaEndpoint, moves: list[Move], timeout_s: float) -> int:
+        """Copies ``moves`` from ``view`` into the destination's pool; returns the bytes
+        written. ValueError naming both sides on a dtype or geometry mismatch,
+        ConnectionError when the destination retired the pool, TimeoutError past
+        ``timeout_s``."""
+        deadline = time.perf_counter() + timeout_s
+        mapped, dst = self._map(ep, timeout_s)
+        check_same_geometry(view, dst)
+        ios = [(MoveIO(view, m, "src"), MoveIO(dst, m, "dst")) for m in moves]
+        self._check_live(mapped)
+        written = sum(copy_move(src, out, deadline) for src, out in ios)
+        self._check_live(mapped)
+        return written
+
+    def _check_live(self, mapped: MappedArena) -> None:
+        if not mapped.live:
+            self.drop(mapped.info.arena_id)
+            raise ConnectionError(f"KV arena {mapped.info.arena_id} was retired by its owner")
+
+    def drop(self, key: str) -> bool:
+        """Unmaps arena ``key`` (when no transfer still uses it). Returns whether it was mapped."""
+        with self._lock:
+            return self._mapped.pop(key, None) is not None
+
+    def close(self) -> None:
+        """Unmaps every arena."""
+        with self._lock:
+            self._mapped.clear()
+
+
+def check_same_geometry(src: KVView, dst: KVView) -> None:
+    """ValueError naming both sides when their dtype, block size or head dim differ."""
+    a = (dtype_name(src.dtype), src.block_size, src.head_dim)
+    b = (dtype_name(dst.dtype), dst.block_size, dst.head_dim)
+    if a != b:
+        raise ValueError(
+            f"KV geometry mismatch (dtype, block_size, head_dim): source {a}, destination {b}"
+        )
+
+
+def copy_move(src: MoveIO, dst: MoveIO, deadline: float) -> int:
+    """Copies one move's blocks from ``src``'s cache into ``dst``'s, layer by layer in
+    chunks of blocks staged through a cache-sized buffer; returns the bytes copied.
+    TimeoutError when ``deadline`` (perf_counter) passes between layers."""
+    n, first = len(src.index), src.parts[0][0]
+    step = max(1, STAGE_BYTES // (first[0].numel() * first.element_size()))
+    stage = torch.empty((min(step, n), *first.shape[1:]), dtype=first.dtype)
+    for (sk, sv), (dk, dv) in zip(src.parts, dst.parts, strict=True):
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"KV copy passed its deadline ({n} blocks per layer)")
+        for s, d in ((sk, dk), (sv, dv)):
+            for lo in range(0, n, step):
+                part = stage[: min(step, n - lo)]
+                torch.index_select(s, 0, src.index[lo : lo + step], out=part)
+                d.index_copy_(0, dst.index[lo : lo + step], part)
+    return src.nbytes(src.whole())
