@@ -7,8 +7,8 @@ descriptor on an abstract unix socket, to processes of the same user only
 (SO_PEERCRED). :meth:`ArenaExports.export` returns the :class:`ArenaEndpoint` the
 driver hands to sources. Source (:class:`ArenaWriters`): maps a destination's pool
 once (the mapping is cached by arena id) and copies each move from its own cache
-into the mapped one: a gather into a small staging buffer that stays in cache and a
-scatter out of it, per chunk of blocks, so memory sees one copy's traffic. The pool's
+into the mapped one (a gather and a scatter per layer and part, in one process: half
+the memory traffic of the ring's two copies, with no messages per piece). The pool's
 header says whether it is still live (checked before and after writing): a pool the
 destination reallocated fails the transfer rather than losing it silently.
 
@@ -33,8 +33,6 @@ from engine.kv_arena import ArenaInfo, MappedArena
 from kvtransfer.blocks import KVView, MoveIO, dtype_name
 from kvtransfer.layout import Move
 
-# Rows staged per copy: small enough to stay in a core's L2 between gather and scatter.
-STAGE_BYTES = 256 << 10
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -168,19 +166,25 @@ def check_same_geometry(src: KVView, dst: KVView) -> None:
         )
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A cache part as one row per block when its blocks are contiguous (all the
+    layer's heads): torch's index kernels copy 2-D rows ~1.5x faster than 4-D blocks."""
+    return t.view(t.shape[0], -1) if t.is_contiguous() else t
+
+
 def copy_move(src: MoveIO, dst: MoveIO, deadline: float) -> int:
-    """Copies one move's blocks from ``src``'s cache into ``dst``'s, layer by layer in
-    chunks of blocks staged through a cache-sized buffer; returns the bytes copied.
-    TimeoutError when ``deadline`` (perf_counter) passes between layers."""
-    n, first = len(src.index), src.parts[0][0]
-    step = max(1, STAGE_BYTES // (first[0].numel() * first.element_size()))
-    stage = torch.empty((min(step, n), *first.shape[1:]), dtype=first.dtype)
+    """Copies one move's blocks from ``src``'s cache into ``dst``'s, one layer and part
+    at a time through a staging buffer of one part's blocks (a gather and a scatter:
+    torch has no indexed copy between two indexed tensors; staging in cache-sized
+    chunks measured slower, per-op costs outweighing the cache hits); returns the
+    bytes copied. TimeoutError when ``deadline`` (perf_counter) passes between layers."""
+    n, first = len(src.index), _rows(src.parts[0][0])
+    stage = torch.empty((n, *first.shape[1:]), dtype=first.dtype)
     for (sk, sv), (dk, dv) in zip(src.parts, dst.parts, strict=True):
         if time.perf_counter() > deadline:
             raise TimeoutError(f"KV copy passed its deadline ({n} blocks per layer)")
         for s, d in ((sk, dk), (sv, dv)):
-            for lo in range(0, n, step):
-                part = stage[: min(step, n - lo)]
-                torch.index_select(s, 0, src.index[lo : lo + step], out=part)
-                d.index_copy_(0, dst.index[lo : lo + step], part)
+            s, d = _rows(s), _rows(d)
+            torch.index_select(s, 0, src.index, out=stage.view(n, *s.shape[1:]))
+            d.index_copy_(0, dst.index, stage.view(n, *d.shape[1:]))
     return src.nbytes(src.whole())
