@@ -7,7 +7,8 @@ after it (``sim_config``): pool sizes from ``GetServerInfo``; KV blocks, block s
 bytes per token and each instance's fitted latency model from ``GetLoad``; scheduler
 limits, routing policy, SLOs and leases from the ``ServeConfig``. What the run itself
 measured goes in too: the KV transfer bandwidth (the decode instances' transfer
-counters over the run), each pool's observed ÷ predicted step times and the client's
+counters over the run), each pool's observed ÷ predicted step times (decode steps that
+ran beside a prefill step apart: the two instances share the host) and the client's
 lag over the server's TTFT (``bench.sim.calibrate``). The simulator then replays the
 run's own requests: same arrival times, prompt and output lengths.
 """
@@ -26,6 +27,8 @@ from router.config import PoolConfig, ServeConfig
 from router.latency_model import LatencyModel
 from router.step_fit import Coefficients
 
+# Fewer free or contended decode steps than this: one pool of ratios for all of them.
+MIN_SPLIT_STEPS = 20
 TABLE_LATENCIES = (("ttft_ms", "p50"), ("ttft_ms", "p90"), ("tpot_ms", "p50"), ("tpot_ms", "p90"))
 
 
@@ -64,6 +67,7 @@ def pool_spec(
     count: int,
     instances: Sequence[pb.InstanceLoad],
     step_time_ratios: Sequence[float] = (),
+    contended_step_time_ratios: Sequence[float] = (),
 ) -> PoolSpec:
     """``count`` instances like ``instances`` (KV blocks: the smallest pool reported)
     with ``pool``'s scheduler limits."""
@@ -76,6 +80,7 @@ def pool_spec(
         max_num_batched_tokens=pool.max_num_batched_tokens,
         chunked_prefill=pool.chunked_prefill,
         step_time_ratios=tuple(step_time_ratios),
+        contended_step_time_ratios=tuple(contended_step_time_ratios),
     )
 
 
@@ -106,8 +111,9 @@ def sim_config(
 ) -> SimConfig:
     """The simulated twin of a running deployment (see the module docstring).
     ``bandwidth`` (bytes/s) defaults to the router's assumed ``transfer_gbps``;
-    ``step_time_ratios`` by role ("prefill", "decode"): see ``PoolSpec``. ValueError
-    when the reports do not describe a disaggregated deployment with fitted models."""
+    ``step_time_ratios`` by role ("prefill", "decode"; "decode_contended": the
+    decode steps that ran beside a prefill step): see ``PoolSpec``. ValueError when
+    the reports do not describe a disaggregated deployment with fitted models."""
     ratios = step_time_ratios or {}
     counts = {p.role: p.num_instances for p in info.pools}
     pools: dict[str, PoolSpec] = {}
@@ -115,7 +121,8 @@ def sim_config(
         instances = _instances(load, role)
         if counts.get(role, 0) < 1 or not instances:
             raise ValueError(f"the server reports no {role} pool (pools: {counts})")
-        pools[role] = pool_spec(pool, counts[role], instances, ratios.get(role, ()))
+        contended = ratios.get(f"{role}_contended", ())
+        pools[role] = pool_spec(pool, counts[role], instances, ratios.get(role, ()), contended)
     per_token = max(i.kv_bytes_per_token for i in load.instances)
     bw = bandwidth if bandwidth is not None else config.router.transfer_gbps * 1e9
     return SimConfig(
@@ -211,6 +218,10 @@ def twin(
         "decode": calibrate.decode_steps(records, models["decode"]),
     }
     ratios = {role: calibrate.step_ratios(s) for role, s in steps.items()}
+    free, contended = calibrate.split_contended(steps["decode"], records)
+    if min(len(free), len(contended)) >= MIN_SPLIT_STEPS:
+        ratios["decode"] = calibrate.step_ratios(free)
+        ratios["decode_contended"] = calibrate.step_ratios(contended)
     measured = transfer_bandwidth(load, before)
     bandwidth = measured[0] if measured else None
     return Twin(

@@ -18,8 +18,10 @@ the model:
 
 ``step_ratios`` (observed ÷ predicted, one per step) feed ``PoolSpec.step_time_ratios``:
 each simulated step draws one, so the simulation sees the run's spread of step times
-and its total busy time. ``client_lag`` is what the client sees on top of the server's own TTFT
-(the gRPC hops and the event loop), added to every simulated token time. No torch.
+and its total busy time. ``split_contended`` sets apart the decode steps that ran
+beside a prefill step (``PoolSpec.contended_step_time_ratios``). ``client_lag`` is what
+the client sees on top of the server's own TTFT (the gRPC hops and the event loop),
+added to every simulated token time. No torch.
 """
 
 from __future__ import annotations
@@ -151,6 +153,24 @@ def decode_steps(records: Sequence[RequestRecord], model: LatencyModel) -> list[
         predicted = model.predict_decode(len(cur.tokens), context)
         steps.append(ObservedStep(predicted, cur.start_s - prev.start_s, cur.start_s))
     return steps
+
+
+def split_contended(
+    steps: Sequence[ObservedStep], records: Sequence[RequestRecord]
+) -> tuple[list[ObservedStep], list[ObservedStep]]:
+    """``steps`` (of a decode instance) split into (free, contended): contended ones
+    overlapped some prefill step (``_prefill_groups``: every prefill of the run, from
+    its requests' timings) for more than half their duration. On a shared host they are
+    slower (measured here: 10-20%) and come in runs while the prefill instance is busy,
+    which independent draws from one pool would average away."""
+    busy = sorted((g.start_s, g.end_s) for g in _prefill_groups(records))
+    free: list[ObservedStep] = []
+    contended: list[ObservedStep] = []
+    for s in steps:
+        lo, hi = s.end_s - s.observed_s, s.end_s
+        overlap = sum(max(0.0, min(hi, e) - max(lo, b)) for b, e in busy if b < hi and e > lo)
+        (contended if overlap > 0.5 * s.observed_s else free).append(s)
+    return free, contended
 
 
 def step_ratios(steps: Sequence[ObservedStep]) -> tuple[float, ...]:

@@ -28,7 +28,12 @@ class PoolSpec:
     each step's predicted time is multiplied by one of them drawn at random (from a
     generator seeded with ``seed`` and the instance id, so runs stay deterministic):
     the real steps' spread around the model, which queueing turns into longer waits
-    than the mean alone gives."""
+    than the mean alone gives. ``contended_step_time_ratios``: the ratios of steps that
+    ran while an instance of the other pool was mid-step on the same host (cores and
+    memory bandwidth shared); when given, a step that starts while one is mid-step draws
+    from these and the others from ``step_time_ratios``. The simulation then treats
+    every instance of the other pool as sharing the host (as the one-host validation
+    deployment does)."""
 
     count: int
     latency: LatencyModel
@@ -40,6 +45,7 @@ class PoolSpec:
     step_overhead_s: float = 0.0
     step_time_ratios: tuple[float, ...] = ()
     seed: int = 0
+    contended_step_time_ratios: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("count", "num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -49,10 +55,11 @@ class PoolSpec:
         if not isinstance(self.latency, LatencyModel):
             raise ValueError(f"PoolSpec.latency must be a LatencyModel, got {self.latency!r}")
         _check_nonneg("PoolSpec.step_overhead_s", self.step_overhead_s)
-        object.__setattr__(self, "step_time_ratios", tuple(self.step_time_ratios))
-        bad = [r for r in self.step_time_ratios if not (math.isfinite(r) and r > 0)]
-        if bad:
-            raise ValueError(f"PoolSpec.step_time_ratios must be finite and > 0, got {bad[0]!r}")
+        for name in ("step_time_ratios", "contended_step_time_ratios"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            bad = [r for r in getattr(self, name) if not (math.isfinite(r) and r > 0)]
+            if bad:
+                raise ValueError(f"PoolSpec.{name} must be finite and > 0, got {bad[0]!r}")
 
     @property
     def capacity_tokens(self) -> int:

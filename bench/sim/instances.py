@@ -19,7 +19,9 @@ predict_decode(single-token entries, their context)``: a mixed step costs its pr
 part plus its decode part, each with its own fixed term ``a``, the way the engine's
 step statistics split a step (``engine.requests.step_stats``). With
 ``PoolSpec.step_time_ratios`` the two predictions are multiplied by one ratio drawn
-per step from the instance's own seeded generator.
+per step from the instance's own seeded generator; with
+``PoolSpec.contended_step_time_ratios``, from those while a neighbour (an instance of
+the other pool sharing the host) is mid-step.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class SimInstance:
         self.stats = InstanceStats(instance_id)
         self.busy = False  # a loop iteration is due or running (a step or a pull)
         self._ratios = spec.step_time_ratios
+        self.step_end_s = float("-inf")  # when the step in flight ends
+        # Instances whose steps slow this one's (the other pool's, on a shared host):
+        # while one is mid-step, steps draw from ``spec.contended_step_time_ratios``.
+        self.neighbours: list[SimInstance] = []
         # A str seed hashes the same in every process: runs are reproducible.
         self._rng = random.Random(f"{spec.seed}:{instance_id}")
         self.view: Any = None  # the router's view of this instance, None when stale
@@ -84,14 +90,19 @@ class SimInstance:
                 seq.rec.prefill_start_s = now
         seconds = self.model.predict_prefill(step.chunks)
         seconds += self.model.predict_decode(step.decodes, step.context)
-        if self._ratios:
-            seconds *= self._ratios[self._rng.randrange(len(self._ratios))]
+        ratios = self._ratios
+        contended = self.spec.contended_step_time_ratios
+        if contended and any(n.step_end_s > now for n in self.neighbours):
+            ratios = contended
+        if ratios:
+            seconds *= ratios[self._rng.randrange(len(ratios))]
         seconds += self.spec.step_overhead_s
         st = self.stats
         st.steps += 1
         st.busy_s += seconds
         st.tokens += step.tokens
         st.preemptions = self.batcher.num_preemptions
+        self.step_end_s = now + seconds
         self.queue.push(now + seconds, self._step_done, step)
         return True
 

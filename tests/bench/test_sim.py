@@ -276,6 +276,26 @@ def test_step_time_ratios_scale_each_step_deterministically() -> None:
     assert [r.ttft_s for r in one] == [r.ttft_s for r in two]
 
 
+def test_contended_ratios_apply_while_the_other_pool_steps() -> None:
+    """A decode step that starts while the prefill instance is mid-step draws from the
+    contended ratios, the others from the free ones."""
+    # B's prompt arrives while A decodes: A's steps during B's long prefill are slow.
+    decode = PoolSpec(1, model(), 4096, step_time_ratios=(1.0,), contended_step_time_ratios=(3.0,))
+    trace = [(0.0, 10, 40), (0.2, 2000, 1)]
+    a, b = simulate(trace, pd(decode=decode)).requests
+    assert b.first_token_s is not None
+    prefill_start = b.first_token_s - pf([2000])
+    gaps = [(t1, t1 - t0) for t0, t1 in itertools.pairwise(a.token_times)]
+    context = 10  # A's k-th decode attends to the prompt + k tokens
+    for k, (end, gap) in enumerate(gaps, start=1):
+        start = end - gap
+        slow = prefill_start <= start < b.first_token_s
+        ratio = 3.0 if slow else 1.0
+        assert gap == pytest.approx(ratio * dec(1, context + k)), (k, start)
+    assert any(prefill_start <= end - g < b.first_token_s for end, g in gaps)  # some slow
+    assert any(not prefill_start <= end - g < b.first_token_s for end, g in gaps)
+
+
 def test_shortest_first_prefill_overtakes() -> None:
     trace = [(0.0, 2000, 1), (0.001, 1500, 1), (0.002, 100, 1)]
     # Without chunking: the first runs alone (over the budget), then one of the others.
@@ -382,6 +402,8 @@ def test_bad_configs() -> None:
         PoolSpec(1, model(), 0)
     with pytest.raises(ValueError, match="step_time_ratios"):
         PoolSpec(1, model(), 64, step_time_ratios=(1.0, 0.0))
+    with pytest.raises(ValueError, match="contended_step_time_ratios must be finite"):
+        PoolSpec(1, model(), 64, contended_step_time_ratios=(float("inf"),))
     with pytest.raises(ValueError, match="not both"):
         SimConfig(prefill=spec, colocated=spec)
     with pytest.raises(ValueError, match="decode pool"):

@@ -248,6 +248,22 @@ def test_decode_steps_are_recovered_from_token_arrivals() -> None:
     assert steps[-1].predicted_s == pytest.approx(0.022) and steps[-1].end_s == 1.14
 
 
+def test_decode_steps_beside_a_prefill_are_set_apart() -> None:
+    """A decode step is contended when a prefill step (start: sent + queue; length: the
+    server's prefill_ms) covers more than half of it."""
+    records = [timed(0, 1.0, 50, [1.2], prefill_ms=200.0, queue_ms=0.0)]  # busy 1.0-1.2
+    steps = [
+        calibrate.ObservedStep(0.02, 0.04, 0.98),  # 0.94-0.98: before it
+        calibrate.ObservedStep(0.02, 0.04, 1.10),  # inside
+        calibrate.ObservedStep(0.02, 0.04, 1.21),  # 1.17-1.21: 0.03 of 0.04 inside
+        calibrate.ObservedStep(0.02, 0.04, 1.23),  # 1.19-1.23: 0.01 of 0.04 inside
+    ]
+    free, contended = calibrate.split_contended(steps, records)
+    assert [s.end_s for s in free] == [0.98, 1.23]
+    assert [s.end_s for s in contended] == [1.10, 1.21]
+    assert calibrate.split_contended(steps, []) == (steps, [])
+
+
 def test_step_ratios_keep_the_spread_and_the_total_time() -> None:
     steps = [calibrate.ObservedStep(0.1, 0.2, 0.0), calibrate.ObservedStep(0.3, 0.3, 1.0)]
     ratios = calibrate.step_ratios(steps)
