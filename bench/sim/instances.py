@@ -27,6 +27,7 @@ the other pool sharing the host) is mid-step.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from bench.sim.batcher import Batcher, Step
@@ -64,7 +65,7 @@ class SimInstance:
         self.step_end_s = float("-inf")  # when the step in flight ends
         # Instances whose steps slow this one's (the other pool's, on a shared host):
         # while one is mid-step, steps draw from ``spec.contended_step_time_ratios``.
-        self.neighbours: list[SimInstance] = []
+        self.neighbours: Sequence[SimInstance] = ()
         # A str seed hashes the same in every process: runs are reproducible.
         self._rng = random.Random(f"{spec.seed}:{instance_id}")
         self.view: Any = None  # the router's view of this instance, None when stale

@@ -87,10 +87,10 @@ class Simulation:
                 )
                 for i in range(config.prefill.count)
             ]
-        for d in self.decode:
-            d.neighbours = list(self.prefill)
+        for d in self.decode:  # one shared list each way: no copy per instance
+            d.neighbours = self.prefill
         for pf in self.prefill:
-            pf.neighbours = list(self.decode)
+            pf.neighbours = self.decode
         self.router = SimRouter(config, self.prefill, self.decode)
         self._dest: dict[int, EngineSim] = {}  # rid -> decode instance, while prefilling
 
