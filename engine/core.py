@@ -237,6 +237,7 @@ class EngineCore:
                     batch.needs_sample(i),
                     seq.params,
                     appended,
+                    seq.num_output_tokens,
                 )
             )
         return steps

@@ -17,7 +17,7 @@ from engine.memory import host_memory_bytes, num_kv_blocks
 from engine.model import CausalLM, KVCache
 from engine.model_config import ModelConfig
 from engine.parallel import ParallelContext, head_part
-from engine.sampler import Sampler, SamplerOutput, make_generator
+from engine.sampler import Sampler, SamplerOutput, make_generator, skip_draws
 from engine.sampling_params import SamplingParams
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +39,10 @@ class SeqStep:
     sample: bool
     params: SamplingParams
     appended: bool = False
+    # Tokens the request sampled before this step (e.g. the first, on a prefill
+    # instance): a generator made for it here skips their draws, so seeded sampling
+    # continues where it left off instead of starting over.
+    num_sampled: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,10 @@ class ModelRunner:
 
     def _generator(self, step: SeqStep) -> torch.Generator | None:
         if step.request_id not in self.generators:
-            self.generators[step.request_id] = make_generator(step.params.seed, self.device)
+            gen = make_generator(step.params.seed, self.device)
+            if gen is not None:
+                skip_draws(gen, step.num_sampled)
+            self.generators[step.request_id] = gen
         return self.generators[step.request_id]
 
     def free(self, request_ids: list[str]) -> None:

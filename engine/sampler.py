@@ -42,6 +42,16 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return gen
 
 
+def skip_draws(gen: torch.Generator, num_tokens: int) -> None:
+    """Advances ``gen`` past the draws of ``num_tokens`` sampled tokens (one U[0, 1)
+    number each, as ``Sampler._uniforms`` takes them), one by one: a batched draw need
+    not consume the generator the same way."""
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    for _ in range(num_tokens):
+        torch.rand(1, generator=gen, device=gen.device)
+
+
 class Sampler:
     """Picks the next token of each row of a ``[B, V]`` float logits tensor.
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, _filter, make_generator
+from engine.sampler import Sampler, _filter, make_generator, skip_draws
 from engine.sampling_params import SamplingParams
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
@@ -216,3 +216,18 @@ def test_large_mixed_batch() -> None:
     out = Sampler(seed=0)(logits, params, gens)
     assert len(out.token_ids) == batch and all(0 <= t < vocab for t in out.token_ids)
     assert out.token_ids[::4] == logits[::4].argmax(-1).tolist()
+
+
+def test_skip_draws_continues_a_seeded_stream() -> None:
+    """A generator made later for the same seed, skipped past the tokens already
+    sampled, draws what the original would have drawn next."""
+    original = make_generator(7, "cpu")
+    assert original is not None
+    for _ in range(3):
+        torch.rand(1, generator=original)
+    later = make_generator(7, "cpu")
+    assert later is not None
+    skip_draws(later, 3)
+    assert torch.equal(torch.rand(1, generator=later), torch.rand(1, generator=original))
+    with pytest.raises(ValueError, match="num_tokens must be >= 0, got -1"):
+        skip_draws(later, -1)

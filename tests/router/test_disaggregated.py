@@ -97,3 +97,35 @@ def test_tokens_equal_single_instance(
     assert prefix_hit.output.num_cached_tokens == 32  # prefill reused the shared blocks
     assert prefix_hit.transfer is not None and prefix_hit.transfer.num_cached_blocks == 2
     assert prefix_hit.transfer.num_blocks == 1  # only the last, unshared block moved
+
+
+def test_seeded_sampling_continues_after_the_handoff(tiny_llama: Path, ray_cluster: None) -> None:
+    """A seeded request samples its first token on the prefill instance and the rest on
+    the decode instance; its tokens equal the single instance's, which draws every one
+    from one generator (the decode side skips the draw the prefill side made)."""
+    params = [
+        SamplingParams(temperature=1.0, top_p=0.95, max_tokens=12, ignore_eos=True, seed=s)
+        for s in (1, 2, 3, 4)
+    ]
+    llm = LLM(
+        EngineConfig(model=str(tiny_llama), dtype="float32", cache=CacheConfig(num_blocks=64))
+    )
+    want = [o.token_ids for o in llm.generate(PROMPTS, params)]
+
+    async def run() -> list[list[int]]:
+        async with Controller(serve_config(tiny_llama, "1-1", "local")) as c:
+            outs = await asyncio.gather(
+                *(_collect(c, p, sp) for p, sp in zip(PROMPTS, params, strict=True))
+            )
+            assert_clean(c)
+            return outs
+
+    assert asyncio.run(run()) == want
+
+
+async def _collect(controller: Controller, prompt: list[int], params: SamplingParams) -> list[int]:
+    last = None
+    async for update in controller.generate(prompt, params):
+        last = update
+    assert last is not None and last.finished and last.transfer is not None
+    return list(last.output.token_ids)
