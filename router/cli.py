@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Command = args.run
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing file, a busy port
         print(f"pdserve {args.command}: error: {e}", file=sys.stderr)
         return 2
 

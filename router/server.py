@@ -117,22 +117,34 @@ class Server:
         self.port = 0
 
     async def start(self) -> None:
-        """Starts the pools, then listens on ``server.host:server.port`` (0: a free
-        port, see ``self.port``)."""
-        await self.controller.start()
+        """Binds ``server.host:server.port`` (0: a free port, see ``self.port``), starts
+        the pools, then serves. OSError naming the address, before any pool starts, when
+        it cannot be bound (another server holds it)."""
         opts = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # gRPC shares a port between servers by default: a second `pdserve serve`
+            # would silently take half of the first one's connections.
+            ("grpc.so_reuseport", 0),
         ]
-        self.grpc = grpc.aio.server(options=opts)
-        pb_grpc.add_PDServeServicer_to_server(
-            PDServeServicer(self.controller, self.config), self.grpc
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        server = grpc.aio.server(options=opts)
+        address = f"{self.config.server.host}:{self.config.server.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as e:  # grpcio raises where older versions returned 0
+            raise OSError(f"cannot listen on {address}: {e}") from None
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address} (in use?)")
+        try:
+            await self.controller.start()
+        except BaseException:
+            await server.stop(None)
+            raise
+        pb_grpc.add_PDServeServicer_to_server(PDServeServicer(self.controller, self.config), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, self.grpc)
-        host, port = self.config.server.host, self.config.server.port
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        reflection.enable_server_reflection(names, server)
+        self.grpc = server
         await self.grpc.start()
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -71,6 +71,18 @@ def wait_clean(client: Client, timeout_s: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def test_a_busy_port_is_refused_before_any_pool_starts(server: Running) -> None:
+    """A second server on the first one's port fails at once, naming the address,
+    without starting pools (gRPC would otherwise share the port between them)."""
+    port = server.server.port
+    second = Server(server.server.config.with_overrides(**{"server.port": port}))
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+        asyncio.run(second.start())
+    assert second.grpc is None and not second.controller.stats()
+    with Client(server.address, timeout_s=30) as c:  # the first one still serves
+        assert c.server_info().pools
+
+
 def test_streaming_equals_single_instance(client: Client, tiny_llama: Path) -> None:
     deltas = list(client.stream(PROMPT, max_tokens=12, temperature=0.0, ignore_eos=True))
     tokens = [t for d in deltas for t in d.token_ids]
