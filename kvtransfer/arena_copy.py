@@ -79,13 +79,17 @@ class ArenaExports:
             except OSError:  # closed: this worker's transports are shutting down
                 return
             with conn:
-                _, uid, _ = _CRED.unpack(
-                    conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
-                )
-                arena = self._view().arena
-                if uid != os.getuid() or arena is None or arena.fd < 0:
-                    continue  # the peer reads EOF: refused
-                socket.send_fds(conn, [arena.info.arena_id.encode()], [arena.fd])
+                try:
+                    self._answer(conn)
+                except OSError:  # the peer left (or timed out) first: serve the next one
+                    continue
+
+    def _answer(self, conn: socket.socket) -> None:
+        _, uid, _ = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+        arena = self._view().arena
+        if uid != os.getuid() or arena is None or arena.fd < 0:
+            return  # the peer reads EOF: refused
+        socket.send_fds(conn, [arena.info.arena_id.encode()], [arena.fd])
 
     def close(self) -> None:
         """Stops serving (peers keep the pools they already mapped)."""
