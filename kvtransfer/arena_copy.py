@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,9 +29,9 @@ import torch
 
 from engine.kv_arena import ArenaInfo, MappedArena
 from kvtransfer.blocks import KVView, MoveIO, dtype_name
+from kvtransfer.doorbell import Listener
 from kvtransfer.layout import Move
-
-_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+from kvtransfer.rows import RowRuns, copy_runs, rows_match
 
 
 @dataclass(frozen=True)
@@ -54,49 +52,26 @@ class ArenaExports:
 
     def __init__(self, view: Callable[[], KVView]):
         self._view = view
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self._name = f"\0pdkv-arena-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._listener = Listener("pdkv-arena", self._answer)
 
     def export(self) -> ArenaEndpoint | None:
         """The endpoint of the current pool, or None when the cache is not shared."""
         view = self._view()
         if view.arena is None:
             return None
-        with self._lock:
-            if self._listener is None:
-                self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self._listener.bind(self._name)
-                self._listener.listen(8)
-                threading.Thread(target=self._serve, args=(self._listener,), daemon=True).start()
+        name = self._listener.start()
         info = view.arena.info
-        return ArenaEndpoint(info.arena_id, self._name, info, view.layers, view.kv_heads)
-
-    def _serve(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:  # closed: this worker's transports are shutting down
-                return
-            with conn:
-                try:
-                    self._answer(conn)
-                except OSError:  # the peer left (or timed out) first: serve the next one
-                    continue
+        return ArenaEndpoint(info.arena_id, name, info, view.layers, view.kv_heads)
 
     def _answer(self, conn: socket.socket) -> None:
-        _, uid, _ = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
         arena = self._view().arena
-        if uid != os.getuid() or arena is None or arena.fd < 0:
+        if arena is None or arena.fd < 0:
             return  # the peer reads EOF: refused
         socket.send_fds(conn, [arena.info.arena_id.encode()], [arena.fd])
 
     def close(self) -> None:
         """Stops serving (peers keep the pools they already mapped)."""
-        with self._lock:
-            if self._listener is not None:
-                self._listener.close()
-                self._listener = None
+        self._listener.close()
 
 
 class ArenaWriters:
@@ -131,12 +106,27 @@ class ArenaWriters:
         return entry
 
     def write(self, view: KVView, ep: ArenaEndpoint, moves: list[Move], timeout_s: float) -> int:
-        """Copies ``moves`` from ``view`` into the destination's pool; returns the bytes
-        written. ValueError naming both sides on a dtype or geometry mismatch,
-        ConnectionError when the destination retired the pool, TimeoutError past
-        ``timeout_s``."""
+        """Copies ``moves`` from ``view`` into the destination's pool (mapping it on first
+        use); returns the bytes written. ValueError naming both sides on a dtype or
+        geometry mismatch, ConnectionError when the destination retired the pool,
+        TimeoutError past ``timeout_s``."""
         deadline = time.perf_counter() + timeout_s
-        mapped, dst = self._map(ep, timeout_s)
+        return self._write(view, self._map(ep, timeout_s), moves, deadline)
+
+    def write_mapped(self, view: KVView, key: str, moves: list[Move], timeout_s: float) -> int:
+        """:meth:`write` into arena ``key``, which an earlier :meth:`write` mapped;
+        ConnectionError when it is not mapped (any more)."""
+        deadline = time.perf_counter() + timeout_s
+        with self._lock:
+            entry = self._mapped.get(key)
+        if entry is None:
+            raise ConnectionError(f"KV arena {key} is not mapped here: write with its endpoint")
+        return self._write(view, entry, moves, deadline)
+
+    def _write(
+        self, view: KVView, entry: tuple[MappedArena, KVView], moves: list[Move], deadline: float
+    ) -> int:
+        mapped, dst = entry
         check_same_geometry(view, dst)
         ios = [(MoveIO(view, m, "src"), MoveIO(dst, m, "dst")) for m in moves]
         self._check_live(mapped)
@@ -178,16 +168,22 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def copy_move(src: MoveIO, dst: MoveIO, deadline: float) -> int:
     """Copies one move's blocks from ``src``'s cache into ``dst``'s, one layer and part
-    at a time through a staging buffer of one part's blocks (a gather and a scatter:
-    torch has no indexed copy between two indexed tensors; staging in cache-sized
-    chunks measured slower, per-op costs outweighing the cache hits); returns the
-    bytes copied. TimeoutError when ``deadline`` (perf_counter) passes between layers."""
+    at a time: block rows by memmove where both parts hold whole blocks contiguously,
+    else through a staging buffer of one part's blocks (a gather and a scatter: torch
+    has no indexed copy between two indexed tensors); returns the bytes copied.
+    TimeoutError when ``deadline`` (perf_counter) passes between layers."""
     n, first = len(src.index), _rows(src.parts[0][0])
-    stage = torch.empty((n, *first.shape[1:]), dtype=first.dtype)
+    runs = RowRuns(src.blocks, dst.blocks)
+    stage: torch.Tensor | None = None
     for (sk, sv), (dk, dv) in zip(src.parts, dst.parts, strict=True):
         if time.perf_counter() > deadline:
             raise TimeoutError(f"KV copy passed its deadline ({n} blocks per layer)")
         for s, d in ((sk, dk), (sv, dv)):
+            if rows_match(s, d):
+                copy_runs(s, d, runs)
+                continue
+            if stage is None:
+                stage = torch.empty((n, *first.shape[1:]), dtype=first.dtype)
             s, d = _rows(s), _rows(d)
             torch.index_select(s, 0, src.index, out=stage.view(n, *s.shape[1:]))
             d.index_copy_(0, dst.index, stage.view(n, *d.shape[1:]))

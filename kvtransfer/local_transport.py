@@ -1,6 +1,8 @@
 """The ``local`` transport (same host). Where the destination's KV pool is in shared
-memory the source writes into it directly (``kvtransfer.arena_copy``); otherwise the
-pieces go through a shared-memory ring, described here.
+memory the source writes into it directly (``kvtransfer.arena_copy``): the first
+transfer of a pair is an actor call that maps the pool, later ones ring the source's
+doorbell (``kvtransfer.doorbell``, no actor call). Otherwise the pieces go through a
+shared-memory ring, described here.
 
 Per (source worker, destination worker) channel the source makes a ring of ``slots``
 x ``slot_bytes`` in an anonymous shared file (``memfd``) and listens on an abstract
@@ -38,6 +40,7 @@ import torch
 
 from kvtransfer.arena_copy import ArenaEndpoint
 from kvtransfer.blocks import KVView, MoveIO, Piece, slab, split_pieces
+from kvtransfer.doorbell import DoorbellClient, pack_moves
 from kvtransfer.layout import Move
 from kvtransfer.transport import (
     KeyedChannelTransport,
@@ -249,6 +252,7 @@ class LocalTransport(KeyedChannelTransport):
             raise ValueError(f"slots and slot_bytes must be >= 1, got {slots}, {slot_bytes}")
         self.slots, self.slot_bytes, self.via = slots, slot_bytes, via
         self.direct = direct
+        self._bells: dict[tuple[str, str], DoorbellClient | None] = {}
 
     async def _pair(
         self,
@@ -277,7 +281,36 @@ class LocalTransport(KeyedChannelTransport):
         ep = self._channels[pair][0]
         timeout = self.remaining(deadline)
         if isinstance(ep, ArenaEndpoint):
-            return int(await src.local_write.remote(ep, moves, timeout))
+            return await self._write(pair, ep, moves, src, timeout)
         sent = src.local_send.remote(ep.key, moves, timeout)
         written = dst.local_recv.remote(ep, moves, timeout)
         return await both_ends(sent, written)
+
+    async def _write(
+        self, pair: tuple[str, str], ep: ArenaEndpoint, moves: list[Move], src: WorkerHandle,
+        timeout_s: float,
+    ) -> int:  # fmt: skip
+        """The direct path: the first transfer of a pair maps the pool with an actor
+        call; later ones ring the source's doorbell (when reachable from here)."""
+        bell = self._bells.get(pair)
+        if bell is not None and bell.loop is asyncio.get_running_loop():
+            request = {"key": ep.key, "moves": pack_moves(moves), "timeout_s": timeout_s}
+            return await bell.call(request)
+        written = int(await src.local_write.remote(ep, moves, timeout_s))
+        if bell is not None:
+            bell.close()  # opened by another event loop
+        self._bells[pair] = await DoorbellClient.connect(await src.local_doorbell.remote())
+        return written
+
+    def _drop_pair(self, pair: tuple[str, str], src: WorkerHandle, dst: WorkerHandle) -> None:
+        bell = self._bells.pop(pair, None)
+        if bell is not None:
+            bell.close()
+        super()._drop_pair(pair, src, dst)
+
+    def close(self) -> None:
+        for bell in self._bells.values():
+            if bell is not None:
+                bell.close()
+        self._bells.clear()
+        super().close()

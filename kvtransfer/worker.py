@@ -26,6 +26,7 @@ import numpy as np
 from kvtransfer.arena_copy import ArenaEndpoint, ArenaExports, ArenaWriters
 from kvtransfer.blocks import KVView, dtype_name, gather, scatter
 from kvtransfer.dist_transport import DistChannel, DistGroups
+from kvtransfer.doorbell import Doorbell, unpack_moves
 from kvtransfer.grpc_transport import DEFAULT_MAX_BYTES, Channels, KVServer, pull
 from kvtransfer.layout import Move
 from kvtransfer.local_transport import LocalChannels, LocalEndpoint
@@ -89,6 +90,7 @@ class _State:
 
     def __init__(self, view: Callable[[], KVView]) -> None:
         tune_malloc()
+        self._view = view
         self.lock = threading.Lock()
         self.server: KVServer | None = None
         self.channels = Channels()
@@ -96,6 +98,14 @@ class _State:
         self.local = LocalChannels()
         self.exports = ArenaExports(view)
         self.writers = ArenaWriters()
+        self.doorbell = Doorbell(self._ring)
+
+    def _ring(self, request: dict[str, Any]) -> int:
+        """A doorbell request: ``{"key", "moves", "timeout_s"}``, a ``local_write`` into
+        a pool that an earlier ``local_write`` mapped."""
+        moves = unpack_moves(request["moves"])
+        key, timeout_s = str(request["key"]), float(request["timeout_s"])
+        return self.writers.write_mapped(self._view(), key, moves, timeout_s)
 
 
 def resolve_host(host: str) -> str:
@@ -231,6 +241,13 @@ class KVTransferMixin:
         pool was reallocated, TimeoutError past ``timeout_s``."""
         return self._kv_state().writers.write(self.kv_view(), endpoint, moves, timeout_s)
 
+    @kv_method
+    def local_doorbell(self) -> str:
+        """Source: the abstract unix socket where a same-host driver asks for further
+        ``local_write`` s into pools already mapped here, without an actor call
+        (``kvtransfer.doorbell``)."""
+        return self._kv_state().doorbell.address()
+
     # -- lifecycle ---------------------------------------------------------------------
     @kv_method
     def drop_channel(self, key: str) -> bool:
@@ -252,6 +269,7 @@ class KVTransferMixin:
         state.local.close()
         state.exports.close()
         state.writers.close()
+        state.doorbell.close()
 
 
 def _resolved(ch: DistChannel) -> DistChannel:

@@ -81,9 +81,26 @@ def shape(dtype: str) -> KVShape:
     return KVShape(LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, dtype)
 
 
+# One event loop for the module, as in the controller: what a transfer set up (gRPC
+# addresses, local doorbells) serves the next transfers of the same transport.
+LOOP = asyncio.new_event_loop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_loop() -> Iterator[None]:
+    yield
+    left = asyncio.all_tasks(LOOP)  # as asyncio.run does: cancel what is left, then close
+    for task in left:
+        task.cancel()
+    LOOP.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+    LOOP.close()
+
+
 def run(transport: Transport, moves: list[Move], pair: Any, dtype: str, timeout: float) -> Any:
     src, dst = pair
-    return asyncio.run(transport.transfer("req", moves, shape(dtype), src, dst, timeout))
+    return LOOP.run_until_complete(
+        transport.transfer("req", moves, shape(dtype), src, dst, timeout)
+    )
 
 
 def caches(actor: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -250,3 +267,26 @@ def test_local_direct_fails_on_a_reallocated_pool_then_recovers(workers: dict[st
     run(t, moves, pair, "float32", 30.0)
     check_landed(pair, moves, before)
     t.close()
+
+
+def test_local_direct_rings_the_doorbell_after_the_first_transfer(
+    workers: dict[str, Any],
+) -> None:
+    """The first transfer of a pair maps the pool through an actor call and connects to
+    the source's doorbell; the next ones go through the doorbell and land the same
+    bytes; a transfer from another event loop goes through the actor call again."""
+    t = make_transport("local")
+    pair = use(workers, "float32")
+    for i, (src_blocks, dst_blocks) in enumerate([((1, 2), (3, 4)), ((5, 6, 7), (8, 9, 10))]):
+        moves = plan(src_blocks, dst_blocks)
+        before = [caches(d) for d in pair[1]]
+        run(t, moves, pair, "float32", 30.0)
+        check_landed(pair, moves, before)
+        bells = list(t._bells.values())  # type: ignore[attr-defined]
+        assert len(bells) == 2 and all(b is not None for b in bells), i
+    moves = plan((11,), (12,))
+    before = [caches(d) for d in pair[1]]
+    asyncio.run(t.transfer("req", moves, shape("float32"), pair[0], pair[1], 30.0))
+    check_landed(pair, moves, before)
+    t.close()
+    assert not t._bells  # type: ignore[attr-defined]

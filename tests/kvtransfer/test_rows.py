@@ -1,0 +1,44 @@
+"""Block-row copies by memmove: grouping into runs, exact bytes, refused inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtransfer.rows import RowRuns, copy_runs, rows_match
+
+
+def test_runs_group_rows_consecutive_on_both_sides() -> None:
+    runs = RowRuns([4, 5, 6, 9, 10, 2], [0, 1, 2, 3, 7, 8])
+    assert runs.runs == [(4, 0, 3), (9, 3, 1), (10, 7, 1), (2, 8, 1)]
+    assert (runs.src_rows, runs.dst_rows) == (11, 9)
+    assert RowRuns([], []).runs == []
+    with pytest.raises(ValueError, match="negative row in -1 -> 0"):
+        RowRuns([-1], [0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_copy_runs_equals_indexed_copy(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randn(20, 16, 2, 8, generator=gen).to(dtype)
+    dst = torch.randn(30, 16, 2, 8, generator=gen).to(dtype)
+    s_rows, d_rows = [3, 4, 5, 19, 0, 7], [29, 10, 11, 0, 1, 2]
+    want = dst.clone()
+    want[d_rows] = src[s_rows]
+    copy_runs(src, dst, RowRuns(s_rows, d_rows))
+    assert torch.equal(dst, want)
+
+
+def test_copy_runs_refuses_what_it_cannot_copy_safely() -> None:
+    src, dst = torch.zeros(4, 8), torch.zeros(6, 8)
+    with pytest.raises(
+        ValueError, match="need 5 source / 1 destination rows, the tensors have 4 / 6"
+    ):
+        copy_runs(src, dst, RowRuns([4], [0]))
+    with pytest.raises(ValueError, match="need 1 source / 7 destination rows"):
+        copy_runs(src, dst, RowRuns([0], [6]))
+    with pytest.raises(ValueError, match=r"equal rows, got \(4, 8\) torch.float32 and \(6, 9\)"):
+        copy_runs(src, torch.zeros(6, 9), RowRuns([0], [0]))
+    assert not rows_match(src, dst.to(torch.bfloat16))
+    assert not rows_match(src, torch.zeros(8, 6).t())  # not contiguous
+    assert dst.abs().sum() == 0  # nothing was written
