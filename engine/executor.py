@@ -88,6 +88,13 @@ def connect_ray(address: str | None) -> bool:
     return True
 
 
+def ray_node_count() -> int:
+    """Alive nodes of the connected Ray cluster."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 class RayExecutor:
     """An instance of max(tp, ep) x ``pp`` ranks, one Ray actor each, placed by one
     placement group; rank = stage * max(tp, ep) + rank in stage (``engine.pipeline``).

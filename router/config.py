@@ -102,8 +102,10 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class KVTransferConfig:
-    """How KV moves from prefill to decode. ``transport`` "auto" is nccl on CUDA and
-    gloo on CPU; ``bind_host`` is where gRPC KV servers and rendezvous listen."""
+    """How KV moves from prefill to decode. ``transport`` "auto" is nccl on CUDA; on
+    CPU it is local when the Ray cluster has one node as the deployment starts
+    (:meth:`ServeConfig.for_cluster`), else gloo. ``bind_host`` is where gRPC KV
+    servers and rendezvous listen."""
 
     transport: str = "auto"
     lease_s: float = 30.0
@@ -265,6 +267,24 @@ class ServeConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
         return cls.from_dict(data)
+
+    def for_cluster(self, num_nodes: int) -> ServeConfig:
+        """This config with ``kv.transport: auto`` settled for a Ray cluster of
+        ``num_nodes`` alive nodes: on CPU with one node every instance shares the host,
+        so ``local`` (decode pools in shared memory: the one-copy path); otherwise
+        unchanged (gloo on CPU, nccl on CUDA). An autoscaling cluster that starts with
+        one node and places instances on nodes added later needs an explicit transport."""
+        if num_nodes < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+        if (
+            self.kv.transport != "auto"
+            or self.device != "cpu"
+            or self.colocated
+            or num_nodes != 1
+            or not shared_memory_supported()
+        ):
+            return self
+        return dataclasses.replace(self, kv=dataclasses.replace(self.kv, transport="local"))
 
     def with_overrides(self, **overrides: Any) -> ServeConfig:
         """A copy with dotted keys replaced, e.g. ``{"prefill.tp": 2}``; None is ignored."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from decode.instance import DecodeInstance
 from engine.core import Prompt, RequestIdInUse, RequestOutput
-from engine.executor import connect_ray
+from engine.executor import connect_ray, ray_node_count
 from engine.sampling_params import SamplingParams
 from kvtransfer.handoff import KVSource
 from prefill.instance import PrefillInstance
@@ -69,8 +69,8 @@ class Controller:
     async def start(self) -> None:
         """Starts every instance (in parallel) and their loops; returns once all are
         ready. On failure everything started is stopped and the error raised."""
-        cfg = self.config
-        self._owns_ray = connect_ray(cfg.ray_address)
+        self._owns_ray = connect_ray(self.config.ray_address)
+        self.config = cfg = self.config.for_cluster(ray_node_count())
         try:
             self._pools = Pools(cfg, self.model)
             await self._pools.start()

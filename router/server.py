@@ -140,7 +140,9 @@ class Server:
         except BaseException:
             await server.stop(None)
             raise
-        pb_grpc.add_PDServeServicer_to_server(PDServeServicer(self.controller, self.config), server)
+        # The controller's config: it settles kv.transport auto as it starts.
+        servicer = PDServeServicer(self.controller, self.controller.config)
+        pb_grpc.add_PDServeServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)

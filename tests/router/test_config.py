@@ -55,6 +55,25 @@ def test_local_transport_shares_the_decode_pool() -> None:
     assert not colocated.engine_config("decode").cache.shared_memory
 
 
+def test_auto_transport_is_local_on_a_one_node_cpu_cluster() -> None:
+    """``auto`` settles on local (with a shared decode pool) when every instance must
+    share the one host; explicit transports, CUDA, colocated deployments and clusters
+    of several nodes keep what they had."""
+    auto = ServeConfig.from_dict({})
+    one = auto.for_cluster(1)
+    assert one.kv.transport == "local" and one.engine_config("decode").cache.shared_memory
+    assert auto.for_cluster(3) is auto and auto.kv.resolved_transport("cpu") == "gloo"
+    for data in (
+        {"kv": {"transport": "grpc"}},
+        {"prefill": {"num_instances": 0}},
+        {"device": "cuda"},
+    ):
+        cfg = ServeConfig.from_dict(data)
+        assert cfg.for_cluster(1) is cfg
+    with pytest.raises(ValueError, match="num_nodes must be >= 1, got 0"):
+        auto.for_cluster(0)
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -46,7 +46,7 @@ class Running:
 
 @pytest.fixture(scope="module")
 def server(tiny_llama: Path, ray_cluster: None) -> Iterator[Running]:
-    cfg = serve_config(tiny_llama, "1-1", "local", profile=True)
+    cfg = serve_config(tiny_llama, "1-1", "auto", profile=True)  # local: one node
     cfg = cfg.with_overrides(**{"server.port": 0})
     running = Running(Server(cfg))
     yield running
