@@ -55,6 +55,7 @@ class Controller:
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._owns_ray = False
+        self._connected = False
         self._stopping = False
         self.router = Router(config.router)
         self._pools: Pools | None = None
@@ -66,11 +67,23 @@ class Controller:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def connect(self) -> None:
+        """Connects to Ray (starting a local cluster when there is none) and settles
+        ``kv.transport: auto`` for the cluster (:meth:`ServeConfig.for_cluster`).
+        Idempotent; :meth:`start` calls it. A process that serves gRPC calls this
+        before its server starts: starting Ray forks, and a fork while grpcio's threads
+        run can hang the child (seen: a raylet that never started)."""
+        if self._connected:
+            return
+        self._owns_ray = connect_ray(self.config.ray_address)
+        self.config = self.config.for_cluster(ray_node_count())
+        self._connected = True
+
     async def start(self) -> None:
         """Starts every instance (in parallel) and their loops; returns once all are
         ready. On failure everything started is stopped and the error raised."""
-        self._owns_ray = connect_ray(self.config.ray_address)
-        self.config = cfg = self.config.for_cluster(ray_node_count())
+        self.connect()
+        cfg = self.config
         try:
             self._pools = Pools(cfg, self.model)
             await self._pools.start()
@@ -108,6 +121,7 @@ class Controller:
 
             ray.shutdown()
             self._owns_ray = False
+        self._connected = False
 
     async def __aenter__(self) -> Controller:
         await self.start()

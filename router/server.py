@@ -117,9 +117,33 @@ class Server:
         self.port = 0
 
     async def start(self) -> None:
-        """Binds ``server.host:server.port`` (0: a free port, see ``self.port``), starts
-        the pools, then serves. OSError naming the address, before any pool starts, when
-        it cannot be bound (another server holds it)."""
+        """Connects to Ray, binds ``server.host:server.port`` (0: a free port, see
+        ``self.port``), starts the pools, then serves. OSError naming the address,
+        before any pool starts, when it cannot be bound (another server holds it)."""
+        self.controller.connect()  # before grpcio starts its threads (see connect)
+        try:
+            server = self._bind()
+        except BaseException:
+            await self.controller.stop()
+            raise
+        try:
+            await self.controller.start()
+        except BaseException:
+            await server.stop(None)
+            raise
+        # The controller's config: it settles kv.transport auto as it connects.
+        servicer = PDServeServicer(self.controller, self.controller.config)
+        pb_grpc.add_PDServeServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        self.grpc = server
+        await self.grpc.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _bind(self) -> grpc.aio.Server:
+        """The gRPC server, bound (not started); OSError naming the address."""
         opts = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -135,21 +159,7 @@ class Server:
             raise OSError(f"cannot listen on {address}: {e}") from None
         if self.port == 0:
             raise OSError(f"cannot listen on {address} (in use?)")
-        try:
-            await self.controller.start()
-        except BaseException:
-            await server.stop(None)
-            raise
-        # The controller's config: it settles kv.transport auto as it starts.
-        servicer = PDServeServicer(self.controller, self.controller.config)
-        pb_grpc.add_PDServeServicer_to_server(servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
-        self.grpc = server
-        await self.grpc.start()
-        for name in ("", SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return server
 
     async def stop(self, drain_s: float = 5.0) -> None:
         """Drains (NOT_SERVING, no new calls, ``drain_s`` for those in flight), then
