@@ -77,6 +77,9 @@ async def run_pair(model: Path, pair: str, transport: str) -> list[ClusterOutput
         for p in PREFIX_PROMPTS:
             outs.append(await collect(c, p))
         assert_clean(c)
+        if transport == "local":  # after the first transfers, no actor call per transfer
+            bells = c._pools.transport._bells  # type: ignore[union-attr]
+            assert bells and all(b is not None for b in bells.values())
         return outs
 
 
