@@ -188,8 +188,10 @@ class MoveIO:
             (_wide(view.part(layer, 0, move.kv_heads)), _wide(view.part(layer, 1, move.kv_heads)))
             for layer in move.layers
         ]
-        contiguous = view.device.type == "cpu" and all(k.is_contiguous() for k, _ in self.parts)
-        self._rows = [(_rows(k), _rows(v)) for k, v in self.parts] if contiguous else None
+        self._contiguous = view.device.type == "cpu" and all(
+            k.is_contiguous() for k, _ in self.parts
+        )
+        self._rows: list[tuple[np.ndarray, np.ndarray]] | None = None  # made on first use
 
     def whole(self) -> Piece:
         """The whole move as one piece."""
@@ -215,8 +217,10 @@ class MoveIO:
         """``piece`` as the list of its blocks' rows in the cache, in slab order (no
         copy: ``b"".join`` of them is the slab), or None when a block's heads are not
         contiguous there (a subset of the local heads, or a CUDA cache)."""
-        if self._rows is None:
+        if not self._contiguous:
             return None
+        if self._rows is None:
+            self._rows = [(_rows(k), _rows(v)) for k, v in self.parts]
         lo = piece.layers.start - self.move.layers.start
         blocks = self.blocks[piece.start : piece.stop]
         return [
