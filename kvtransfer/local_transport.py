@@ -292,14 +292,16 @@ class LocalTransport(KeyedChannelTransport):
     ) -> int:  # fmt: skip
         """The direct path: the first transfer of a pair maps the pool with an actor
         call; later ones ring the source's doorbell (when reachable from here)."""
-        bell = self._bells.get(pair)
-        if bell is not None and bell.loop is asyncio.get_running_loop():
+        bell, loop = self._bells.get(pair), asyncio.get_running_loop()
+        if bell is not None and bell.loop is loop:
             request = {"key": ep.key, "moves": pack_moves(moves), "timeout_s": timeout_s}
             return await bell.call(request)
         written = int(await src.local_write.remote(ep, moves, timeout_s))
-        if bell is not None:
-            bell.close()  # opened by another event loop
-        self._bells[pair] = await DoorbellClient.connect(await src.local_doorbell.remote())
+        if pair not in self._bells or bell is not None:  # not tried yet, or another loop's
+            if bell is not None:
+                bell.close()
+            # None (unreachable from here) is kept: this pair stays on actor calls.
+            self._bells[pair] = await DoorbellClient.connect(await src.local_doorbell.remote())
         return written
 
     def _drop_pair(self, pair: tuple[str, str], src: WorkerHandle, dst: WorkerHandle) -> None:

@@ -290,3 +290,27 @@ def test_local_direct_rings_the_doorbell_after_the_first_transfer(
     check_landed(pair, moves, before)
     t.close()
     assert not t._bells  # type: ignore[attr-defined]
+
+
+def test_local_direct_without_a_reachable_doorbell_stays_on_actor_calls(
+    workers: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver that cannot reach the source's doorbell (another host) asks once per
+    pair, then every transfer goes through the actor call and lands the same bytes."""
+    from kvtransfer import local_transport
+
+    asked: list[str] = []
+
+    async def unreachable(name: str) -> None:
+        asked.append(name)
+
+    monkeypatch.setattr(local_transport.DoorbellClient, "connect", unreachable)
+    t = make_transport("local")
+    pair = use(workers, "float32")
+    for src_blocks, dst_blocks in [((1,), (2,)), ((3, 4), (5, 6)), ((7,), (8,))]:
+        moves = plan(src_blocks, dst_blocks)
+        before = [caches(d) for d in pair[1]]
+        run(t, moves, pair, "float32", 30.0)
+        check_landed(pair, moves, before)
+    assert len(asked) == 2  # one per (source, destination) pair
+    t.close()
