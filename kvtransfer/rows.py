@@ -1,13 +1,14 @@
-"""Block-row copies by memmove (CPU): the fast path of every gather and scatter.
+"""Block-row copies by memmove between two CPU caches (the ``local`` transport's
+direct path, ``arena_copy.copy_move``).
 
 A CPU cache part that holds all of a layer's local KV heads keeps each block as one
-contiguous row of bytes, and a gathered slab keeps its blocks as consecutive rows. A
-copy between them is then one memmove per run of blocks that are consecutive on both
-sides: one pass over the bytes, where torch's ``index_select`` / ``index_copy_`` move
-one element at a time and an indexed copy between two caches needs a staging copy.
-Measured here between two caches (``small`` preset rows of 16 KiB, fp32, random blocks,
-runs interleaved): 6-15% faster than torch's staged copy from 512 to 8k tokens.
-"""
+contiguous row of bytes. A copy of blocks from one such cache into another is then one
+memmove per run of blocks that are consecutive on both sides: one pass over the bytes,
+where torch has no indexed copy between two indexed tensors and needs a staging copy
+(a gather, then a scatter). Measured here between two caches (``small`` preset rows of
+16 KiB, fp32, random blocks, runs interleaved): 6-15% faster than the staged copy from
+512 to 8k tokens. One-sided gathers and scatters stay on torch's index kernels, which
+measured faster than a memmove per row."""
 
 from __future__ import annotations
 
