@@ -17,6 +17,7 @@ anything else as RuntimeError.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
@@ -117,6 +118,10 @@ class Listener:
         """Stops accepting (connections being served are served to their end)."""
         with self._lock:
             if self._listener is not None:
+                # close() alone leaves the socket listening while the accept thread is
+                # blocked in it (the kernel holds the file): shutdown wakes it up first.
+                with contextlib.suppress(OSError):
+                    self._listener.shutdown(socket.SHUT_RDWR)
                 self._listener.close()
                 self._listener = None
 

@@ -4,13 +4,15 @@ back as themselves; only what it can serve gets through."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from kvtransfer.doorbell import Doorbell, DoorbellClient, pack_moves, unpack_moves
+from kvtransfer.doorbell import Doorbell, DoorbellClient, Listener, pack_moves, unpack_moves
 from kvtransfer.layout import Move
 
 EVENT = threading.Event()
@@ -93,6 +95,7 @@ def test_unreachable_and_closed_doorbells(bell: Doorbell) -> None:
         assert await DoorbellClient.connect("\0pdkv-bell-nobody-here") is None
         client = await DoorbellClient.connect(bell.address())
         assert client is not None
+        assert await client.call({"kind": "sum", "moves": []}) == 0  # accepted by now
         bell.close()  # stops accepting; the connected client is still served
         assert await client.call({"kind": "sum", "moves": []}) == 0
         assert await DoorbellClient.connect(bell.name) is None
@@ -101,3 +104,15 @@ def test_unreachable_and_closed_doorbells(bell: Doorbell) -> None:
             await client.call({"kind": "sum", "moves": []})
 
     asyncio.run(main())
+
+
+def test_a_closed_listener_refuses_new_connections() -> None:
+    # close() alone left the socket listening while its accept thread was blocked.
+    for _ in range(5):
+        listener = Listener("pdkv-test", lambda conn: None)
+        name = listener.start()
+        time.sleep(0.01)  # the accept thread is now blocked in accept()
+        listener.close()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with conn, pytest.raises(ConnectionRefusedError):
+            conn.connect(name)
