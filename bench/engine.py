@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.engine_workers import RESULTS, model_dir
+from engine.gemv import BLAS_ENV
 
 SYSTEMS = ("pdserve", "transformers")
 
@@ -48,7 +50,8 @@ def run_worker(system: str, preset: str, args: argparse.Namespace) -> dict[str, 
         "--device",
         args.device,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, **BLAS_ENV}  # as pdserve's own processes (engine/gemv.py)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{system} on {preset} failed:\n{out.stderr[-3000:]}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))

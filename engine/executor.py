@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from engine.config import EngineConfig
+from engine.gemv import BLAS_ENV
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, RuntimeInfo, SeqStep
 from engine.sampler import SamplerOutput
@@ -190,7 +191,8 @@ class RayExecutor:
                 ),
                 # Fewer malloc arenas: gRPC KV pulls from many threads otherwise run at
                 # half speed until glibc has grown one arena per thread.
-                runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}},
+                # BLAS_ENV: see engine/gemv.py.
+                runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", **BLAS_ENV}},
             ).remote(self.config)
             for rank in range(self.world_size)
         ]

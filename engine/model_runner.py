@@ -11,6 +11,7 @@ from engine.config import EngineConfig
 from engine.cpu import configure_cpu_runtime, cpu_half_is_fast
 from engine.cuda_graphs import DecodeGraphs
 from engine.forward_batch import ForwardBatch
+from engine.gemv import SingleRowGemv
 from engine.kv_arena import KVArena
 from engine.loader import load_weights
 from engine.memory import host_memory_bytes, num_kv_blocks
@@ -112,6 +113,7 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv(model_cfg, num_blocks, block_size, torch_dtype)
         self.info = RuntimeInfo(dtype, num_blocks, block_size, max_len)
         self.graphs = self._decode_graphs(model_cfg, max_len)
+        self.gemv = SingleRowGemv(torch.get_num_threads(), self.device)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
         self.block_tables: dict[str, list[int]] = {}  # kept across steps (diffs)
@@ -174,7 +176,9 @@ class ModelRunner:
         batch = self.build_batch(steps)
         if self.graphs is not None and self.graphs.fits(batch):
             return self.sample(steps, self.graphs.run(batch))
-        return self.sample(steps, self.model(batch, self.kv_caches))
+        with self.gemv.step(batch.num_tokens):
+            logits = self.model(batch, self.kv_caches)
+        return self.sample(steps, logits)
 
     def sample(self, steps: list[SeqStep], logits: torch.Tensor) -> SamplerOutput:
         """Samples the entries of ``steps`` with ``sample`` set from their ``logits`` rows."""

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.gemv import linear
+
 
 class SliceLike(Protocol):
     def __getitem__(self, index: Any) -> torch.Tensor: ...
@@ -160,7 +162,7 @@ class ColumnParallelLinear(nn.Module):
         target.data[self.offsets[shard] : self.offsets[shard] + part.local_rows].copy_(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -194,7 +196,7 @@ class RowParallelLinear(nn.Module):
         self.weight.data.copy_(loaded[:, start : start + self.local_in])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.pc.all_reduce(nn.functional.linear(x, self.weight))
+        y = self.pc.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -227,5 +229,5 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocab logits in fp32 (this module doubles as the LM head); gathered over ranks."""
-        local = nn.functional.linear(hidden, self.weight).float()
+        local = linear(hidden, self.weight).float()
         return self.pc.all_gather_last_dim(local)[..., : self.vocab_size]

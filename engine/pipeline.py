@@ -131,10 +131,11 @@ def run_stage(
                 dist.recv(buf, src=stage.prev_rank)
                 start = time.perf_counter()
                 x, residual = buf[0], buf[1]
-            x, residual = model.model.run_layers(batch, x, residual, runner.kv_caches)
-            if stage.is_last:
-                logits.append(model.logits(model.model.final_norm(x, residual), batch))
-            else:
+            with runner.gemv.step(batch.num_tokens):
+                x, residual = model.model.run_layers(batch, x, residual, runner.kv_caches)
+                if stage.is_last:
+                    logits.append(model.logits(model.model.final_norm(x, residual), batch))
+            if not stage.is_last:
                 if residual is None:  # every stage has >= 1 layer, so never: for mypy
                     raise RuntimeError("a pipeline stage ran no layer")
                 out = torch.stack((x, residual))

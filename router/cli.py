@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from router import cli_bench, cli_engine, cli_plan, cli_serve
+# Set before anything loads numpy (and OpenBLAS with it): see engine/gemv.py. A test
+# keeps it equal to engine.gemv.BLAS_ENV; importing that module here would load numpy.
+BLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+for _name, _value in BLAS_ENV.items():
+    os.environ.setdefault(_name, _value)
+
+from router import cli_bench, cli_engine, cli_plan, cli_serve  # noqa: E402
 
 Command = Callable[[argparse.Namespace], int]
 

@@ -1,0 +1,89 @@
+"""Single-row linear layers (batch-1 decode on a CPU) through numpy's OpenBLAS GEMV.
+
+Measured on this project's 2-core AVX2 machine, medium preset: torch's (MKL's) fp32
+GEMV streams the weights at 14-17 GB/s, OpenBLAS's at 24-28 GB/s on two threads, so a
+batch-1 decode step drops from 39-47 ms to 31-33 ms. Two thread pools on two cores slow
+each other 2-3x, though: OpenBLAS's workers spin ~100 ms after each call unless
+``OPENBLAS_THREAD_TIMEOUT`` was set before numpy loaded OpenBLAS, and torch's OpenMP
+workers spin after each parallel region. So the path is taken only
+
+- where numpy's BLAS is OpenBLAS and the layer computes in fp32 on the CPU,
+- with one thread, or with ``OPENBLAS_THREAD_TIMEOUT`` in the environment (pdserve's
+  command line and its Ray workers set it: :data:`BLAS_ENV`),
+- inside :meth:`SingleRowGemv.step`, which runs torch's own ops on one thread meanwhile.
+
+Outside a step every call is ``torch.nn.functional.linear``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+# Set before numpy loads (process start): OpenBLAS's workers then sleep at once after
+# a call instead of spinning 2**28 cycles on a core torch needs.
+BLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("single_row_gemv", default=False)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; a single fp32 CPU row inside :meth:`SingleRowGemv.step` goes
+    through OpenBLAS's GEMV (same result within fp32 rounding)."""
+    if not (_ACTIVE.get() and x.dim() == 2 and x.shape[0] == 1):
+        return F.linear(x, weight, bias)
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    out = torch.from_numpy(np.dot(weight.numpy(), x[0].numpy()))[None]
+    return out if bias is None else out.add_(bias)
+
+
+@functools.cache
+def _openblas() -> Any | None:
+    """threadpoolctl's handle on numpy's OpenBLAS, or None (another BLAS, no
+    threadpoolctl)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+    libs = ThreadpoolController().select(internal_api="openblas")
+    mine = [lib for lib in libs.lib_controllers if lib.filepath.startswith(numpy_dir)]
+    return mine[0] if mine else None
+
+
+class SingleRowGemv:
+    """Switches one rank's single-row steps to OpenBLAS's GEMV where that is safe (see
+    the module docstring); ``threads`` is the rank's torch thread count."""
+
+    def __init__(self, threads: int, device: torch.device):
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
+        self.blas = _openblas() if device.type == "cpu" else None
+        quiet = threads == 1 or bool(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+        self.enabled = self.blas is not None and quiet
+
+    @contextlib.contextmanager
+    def step(self, num_rows: int) -> Iterator[None]:
+        """Runs the body (one forward of ``num_rows`` token rows) with the GEMV path on
+        when it applies: torch on one thread, OpenBLAS on ``threads``."""
+        if not (self.enabled and num_rows == 1) or self.blas is None:
+            yield
+            return
+        self.blas.set_num_threads(self.threads)
+        torch.set_num_threads(1)
+        token = _ACTIVE.set(True)
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+            torch.set_num_threads(self.threads)
