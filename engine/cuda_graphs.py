@@ -107,19 +107,20 @@ class DecodeGraphs:
         )
 
     def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        batch = self._static_batch(size)
         self.slots[:size].fill_(-1)  # the warm-up and capture runs write no KV
         self.context_lens[:size].fill_(1)
         # Warm up on a side stream (Triton compiles, cuBLAS picks kernels) before capture.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.forward(batch, self.kv_caches)
+            self.forward(self._static_batch(size), self.kv_caches)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+        # A fresh batch: what the warm-up memoized per step (ForwardBatch.memo) must be
+        # computed again inside the capture, or replays would reuse the warm-up's values.
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.forward(batch, self.kv_caches)
+            out = self.forward(self._static_batch(size), self.kv_caches)
         self.graphs[size] = (graph, out)
         return graph, out

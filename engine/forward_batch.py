@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -26,6 +30,16 @@ class ForwardBatch:
     decode_context_lens: torch.Tensor
     decode_block_tables: torch.Tensor
     logits_indices: torch.Tensor
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def memo(self, key: str, make: Callable[[], _T]) -> _T:
+        """``make()``, computed on the first call with ``key`` and shared by every later
+        one: what all layers derive alike from this step's tensors (attention plans,
+        rotary tables) is derived once per step, not once per layer."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        value: _T = self._memo[key]
+        return value
 
     @property
     def num_tokens(self) -> int:

@@ -64,17 +64,21 @@ class Attention(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch, kv: KVCache
     ) -> torch.Tensor:
-        n, d = x.shape[0], self.head_dim
-        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.reshape(n, self.num_heads, d)
-        k = k.reshape(n, self.num_kv_heads, d)
-        v = v.reshape(n, self.num_kv_heads, d)
+        n, d, h = x.shape[0], self.head_dim, self.num_heads
+        q_size, kv_size = h * d, self.num_kv_heads * d
+        qkv = self.qkv_proj(x)
+        v = qkv[:, q_size + kv_size :].reshape(n, self.num_kv_heads, d)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm.norm(q), self.k_norm.norm(k)
-        q, k = self.rotary(positions, q, k)
+            q, k = qkv[:, :q_size].reshape(n, h, d), qkv[:, q_size : q_size + kv_size]
+            qk = torch.cat((self.q_norm.norm(q), self.k_norm.norm(k.reshape(n, -1, d))), 1)
+        else:  # q and k are adjacent in qkv: rotated together, as one tensor
+            qk = qkv[:, : q_size + kv_size].view(n, -1, d)
+        rope = batch.memo("rope", lambda: self.rotary.tables(positions))
+        qk = self.rotary.rotate(qk, rope)
+        q, k = qk[:, :h], qk[:, h:]
         k_cache, v_cache = kv
-        self.backend.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        store = batch.memo("store", lambda: self.backend.plan_store(batch.slot_mapping, k_cache))
+        self.backend.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, store)
         p = batch.num_prefill_tokens
         if p == n:
             out = self._prefill(q, batch, kv)
@@ -96,9 +100,9 @@ class Attention(nn.Module):
         )
 
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        return self.backend.decode_attention(
-            q, kv[0], kv[1], batch.decode_context_lens, batch.decode_block_tables, self.scale
-        )
+        ctx, tables = batch.decode_context_lens, batch.decode_block_tables
+        plan = batch.memo("decode", lambda: self.backend.plan_decode(ctx, tables, kv[0]))
+        return self.backend.decode_attention(q, kv[0], kv[1], ctx, tables, self.scale, plan)
 
 
 class MLP(nn.Module):

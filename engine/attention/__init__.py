@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -35,6 +35,7 @@ class StoreKVFn(Protocol):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        plan: Any = None,
     ) -> None: ...
 
 
@@ -60,11 +61,27 @@ class DecodeFn(Protocol):
         context_lens: torch.Tensor,
         block_tables: torch.Tensor,
         scale: float,
+        plan: Any = None,
     ) -> torch.Tensor: ...
 
 
+class PlanStoreFn(Protocol):
+    def __call__(self, slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> Any: ...
+
+
+class PlanDecodeFn(Protocol):
+    def __call__(
+        self, context_lens: torch.Tensor, block_tables: torch.Tensor, k_cache: torch.Tensor
+    ) -> Any: ...
+
+
 class AttentionBackend(Protocol):
-    """The three paged-attention operations; see ``engine.attention.reference``."""
+    """The three paged-attention operations; see ``engine.attention.reference``.
+
+    ``plan_store``/``plan_decode`` derive once per step what every layer's ``store_kv``
+    and ``decode_attention`` would otherwise derive alike from the step's slots and
+    tables; the layers pass the result as ``plan`` (a backend that needs none returns
+    None and ignores it)."""
 
     @property
     def name(self) -> str: ...
@@ -74,6 +91,10 @@ class AttentionBackend(Protocol):
     def prefill_attention(self) -> PrefillFn: ...
     @property
     def decode_attention(self) -> DecodeFn: ...
+    @property
+    def plan_store(self) -> PlanStoreFn: ...
+    @property
+    def plan_decode(self) -> PlanDecodeFn: ...
 
 
 @dataclass(frozen=True)
@@ -84,10 +105,17 @@ class AttentionBackendImpl:
     store_kv: StoreKVFn
     prefill_attention: PrefillFn
     decode_attention: DecodeFn
+    plan_store: PlanStoreFn
+    plan_decode: PlanDecodeFn
 
 
 TORCH_BACKEND = AttentionBackendImpl(
-    "torch", reference.store_kv, reference.prefill_attention, reference.decode_attention
+    "torch",
+    reference.store_kv,
+    reference.prefill_attention,
+    reference.decode_attention,
+    reference.plan_store,
+    reference.plan_decode,
 )
 
 
@@ -108,6 +136,8 @@ def _triton_backend() -> AttentionBackendImpl:
         triton_kernels.store_kv,
         triton_kernels.prefill_attention,
         triton_kernels.decode_attention,
+        triton_kernels.plan_store,
+        triton_kernels.plan_decode,
     )
 
 

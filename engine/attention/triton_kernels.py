@@ -215,14 +215,28 @@ def _precision(dtype: torch.dtype, head_dim: int) -> tuple[bool, int]:
     return dtype == torch.float32, 32 if wide else 64
 
 
+def plan_store(slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """The kernels' per-step store plan: none (they read the slots on the device, and a
+    host-side plan would break CUDA graph replays)."""
+    return None
+
+
+def plan_decode(
+    context_lens: torch.Tensor, block_tables: torch.Tensor, k_cache: torch.Tensor
+) -> None:
+    """The kernels' per-step decode plan: none (see :func:`plan_store`)."""
+    return None
+
+
 def store_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    plan: object = None,
 ) -> None:
-    """Triton ``store_kv``: same contract as ``reference.store_kv``."""
+    """Triton ``store_kv``: same contract as ``reference.store_kv`` (no plan used)."""
     _ref.validate_store(k, v, k_cache, v_cache, slot_mapping)
     _check_device(k_cache)
     n = k.shape[0]
@@ -250,8 +264,10 @@ def decode_attention(
     context_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    plan: object = None,
 ) -> torch.Tensor:
-    """Triton ``decode_attention``: same contract as ``reference.decode_attention``."""
+    """Triton ``decode_attention``: same contract as ``reference.decode_attention``
+    (no plan used)."""
     _, bs, kvh, d = _ref.validate_cache(k_cache, v_cache)
     group = _ref.validate_query(q, k_cache)
     _ref.validate_tables(q.shape[0], context_lens, block_tables, k_cache.device)

@@ -340,3 +340,65 @@ def test_kernels_compile_for_cuda() -> None:
 def test_triton_cuda_long_contexts(mode: str, dtype: torch.dtype) -> None:
     assert get_attention_backend("auto", torch.device("cuda")).name == "triton"
     check("triton", mode, "gpu", 4, 128, 16, dtype)
+
+
+DECODE_LENGTHS = [[17], [33, 33], [1, 17, 33, 50], [0, 9], [0, 0]]
+
+
+@pytest.mark.parametrize("ctx_lens", DECODE_LENGTHS)
+def test_decode_plan_gives_the_same_output(ctx_lens: list[int]) -> None:
+    """A step's layers share one plan: its output equals planning per call, and the
+    ground truth; equal lengths (batch 1 included) need no mask."""
+    case = make_case([max(c, 1) for c in ctx_lens], [1] * len(ctx_lens), 2, 64, 16, torch.float32)
+    case.context_lens[:] = torch.tensor(ctx_lens)
+    plan = ref.plan_decode(case.context_lens, case.block_tables, case.k_cache)
+    assert (plan.mask is None) == (len(set(ctx_lens)) == 1)
+    assert (plan.empty is not None) == (0 in ctx_lens and max(ctx_lens) > 0)
+    args = (case.q, case.k_cache, case.v_cache, case.context_lens, case.block_tables, case.scale)
+    planned = ref.decode_attention(*args, plan)
+    assert torch.equal(planned, ref.decode_attention(*args))
+    for i, ctx in enumerate(ctx_lens):
+        if ctx == 0:
+            assert torch.equal(planned[i], torch.zeros_like(planned[i]))
+            continue
+        one = dataclasses.replace(case, keys=case.keys[i : i + 1], values=case.values[i : i + 1],
+                                  q=case.q[i : i + 1], q_lens=[1])  # fmt: skip
+        want = _naive_attention(one)
+        torch.testing.assert_close(planned[i : i + 1].double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_plan_must_fit_the_call() -> None:
+    case = make_case([5, 9], [1, 1], 2, 64, 16, torch.float32)
+    plan = ref.plan_decode(case.context_lens[:1], case.block_tables[:1], case.k_cache)
+    args = (case.q, case.k_cache, case.v_cache, case.context_lens, case.block_tables, case.scale)
+    with pytest.raises(ValueError, match="decode plan for 1 sequences"):
+        ref.decode_attention(*args, plan)
+    other = ref.plan_decode(case.context_lens, case.block_tables, case.k_cache[:-1])
+    with pytest.raises(ValueError, match=r"over \(4, 16\).*got q of 2 over \(5, 16\)"):
+        ref.decode_attention(*args, other)
+    case.context_lens[1] = 10_000
+    with pytest.raises(ValueError, match="context_len 10000 exceeds"):
+        ref.plan_decode(case.context_lens, case.block_tables, case.k_cache)
+
+
+def test_store_plan_gives_the_same_cache() -> None:
+    k_cache = torch.zeros(6, 16, 2, 64)
+    k, v = torch.randn(2, 5, 2, 64).unbind(0)
+    for slots in (torch.tensor([3, 17, 95, 40, 0]), torch.tensor([3, -1, 17, -1, 40])):
+        plan = ref.plan_store(slots, k_cache)
+        assert (plan.keep is None) == bool((slots >= 0).all())
+        planned = (k_cache.clone(), k_cache.clone())
+        ref.store_kv(k, v, *planned, slots, plan)
+        unplanned = (k_cache.clone(), k_cache.clone())
+        ref.store_kv(k, v, *unplanned, slots)
+        assert all(torch.equal(a, b) for a, b in zip(planned, unplanned, strict=True))
+        assert int(planned[0].count_nonzero()) == int((slots >= 0).sum()) * 2 * 64
+
+
+def test_triton_backend_plans_nothing() -> None:
+    # The kernels read slots and tables on the device (CUDA graphs replay them).
+    from engine.attention import triton_kernels
+
+    case = make_case([5], [1], 2, 64, 16, torch.float32)
+    assert triton_kernels.plan_decode(case.context_lens, case.block_tables, case.k_cache) is None
+    assert triton_kernels.plan_store(case.context_lens.long(), case.k_cache) is None
