@@ -42,8 +42,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    out = torch.from_numpy(np.dot(weight.numpy(), x[0].numpy()))[None]
+    # Numpy indexing, not torch's: each torch op here costs as much as a small GEMV.
+    out = torch.from_numpy(np.dot(_weight_array(weight), x.numpy()[0])[None])
     return out if bias is None else out.add_(bias)
+
+
+def _weight_array(weight: torch.Tensor) -> np.ndarray:
+    """``weight.numpy()``, kept on the tensor (four torch calls saved per GEMV), and
+    made again when the tensor's storage changed (``param.data = ...``)."""
+    cached: tuple[int, np.ndarray] | None = getattr(weight, "_gemv_array", None)
+    ptr = weight.data_ptr()
+    if cached is None or cached[0] != ptr or cached[1].shape != weight.shape:
+        cached = (ptr, weight.numpy())
+        weight._gemv_array = cached  # type: ignore[attr-defined]
+    return cached[1]
 
 
 @functools.cache

@@ -52,6 +52,25 @@ def test_one_row_inside_a_step_matches_torch_with_and_without_bias() -> None:
     torch.testing.assert_close(got_bias, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+def test_a_replaced_weight_is_read_anew() -> None:
+    # The weight's numpy array is kept between calls, but not past a new storage.
+    g = make()
+    layer = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(1, 64)
+    got, want = [], []
+    with torch.no_grad(), g.step(1):
+        for change in (None, "new storage", "in place"):
+            if change == "new storage":
+                layer.weight.data = torch.randn(32, 64)
+            elif change == "in place":
+                layer.weight.copy_(torch.randn(32, 64))
+            got.append(linear(x, layer.weight))
+            want.append(F.linear(x, layer.weight))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(want[0], want[1]) and not torch.equal(want[1], want[2])
+
+
 def test_other_calls_are_torch_exactly() -> None:
     g, counter = make(), CountingNumpy()
     w, x2 = torch.randn(32, 16), torch.randn(2, 16)
