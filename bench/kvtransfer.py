@@ -6,10 +6,13 @@ Ray actor to another (TP1 -> TP1, blocks scattered at random in both caches) wit
 transport, and measures in the same run, between the same two processes, the floor of
 its path: a plain TCP socket stream of the same bytes on loopback (grpc, gloo) and a
 plain memcpy of the same bytes (local: straight into the destination's shared pool,
-and through the two-copy ring for comparison). Transfer times are end to end at the driver
-(actor calls included); floors are timed inside the workers (pure data path). Each
-figure is the median of ``--repeats`` runs, interleaved. Also prints the transfer time
-as a share of the prompt's TTFT (prefill of the real engine, ``max_tokens=1``).
+and through the two-copy ring for comparison). It also streams the same bytes through
+the gRPC library alone (no KV plan, gather or scatter: the ceiling of any gRPC
+transport on this machine), held against the socket too. Transfer times are end to end
+at the driver (actor calls included); floors are timed inside the workers (pure data
+path). Each figure is the median of ``--repeats`` runs, interleaved. Also prints the
+transfer time as a share of the prompt's TTFT (prefill of the real engine,
+``max_tokens=1``).
 Writes bench/results/kvtransfer.json and kvtransfer.png.
 """
 
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -45,6 +49,9 @@ TRANSPORTS: list[tuple[str, str, dict[str, Any], str, float]] = [
     ("local/object-store", "local", {"via": "object_store"}, "memcpy", 0.0),
 ]
 CHUNK = 4 << 20
+# The gRPC library alone streaming the same bytes between the same processes (no KV
+# plan, gather or scatter): what any gRPC transport here could reach, timed in the worker.
+BARE = "grpc (library alone)"
 WARMUP = 2
 # As recommended for engine workers: without it each of the first ~16 gRPC pulls of a
 # worker warms a new malloc arena (the client's per-call thread) and runs ~2x slower.
@@ -77,6 +84,60 @@ class BenchHolder(KVHolder):
                 got += conn.recv_into(buf[got:], min(CHUNK, nbytes - got))
         self._listener.close()
         return time.perf_counter() - start
+
+    def grpc_bare_address(self) -> str:
+        """Starts (once) a gRPC server that streams ``nbytes`` of a warm buffer in 4 MiB
+        messages, with the KV server's options but no cache to read; returns its address."""
+        if getattr(self, "_bare", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            import grpc
+
+            from kvtransfer.grpc_transport import OPTIONS
+
+            data = torch.ones(256 << 20, dtype=torch.uint8).numpy().data
+
+            def stream(request: bytes, context: Any) -> Any:
+                n = int(request)
+                for off in range(0, n, CHUNK):
+                    yield bytes(data[off : min(n, off + CHUNK)])
+
+            server = grpc.server(ThreadPoolExecutor(2), options=OPTIONS)
+            handler = grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=bytes, response_serializer=bytes
+            )
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler("bench.Bare", {"Pull": handler}),)
+            )
+            port = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+            self._bare = (server, f"127.0.0.1:{port}")
+        return str(self._bare[1])
+
+    def grpc_bare_pull(self, address: str, nbytes: int) -> float:
+        """Pulls ``nbytes`` from ``grpc_bare_address``'s server into a warm buffer;
+        seconds of the call (the gRPC library alone: no plan, gather or scatter)."""
+        import grpc
+
+        from kvtransfer.grpc_transport import OPTIONS
+
+        if nbytes > 256 << 20:
+            raise ValueError(f"the bare gRPC floor streams at most 256 MiB, got {nbytes}")
+        if getattr(self, "_bare_channel", None) is None:
+            self._bare_channel = grpc.insecure_channel(address, options=OPTIONS)
+        call = self._bare_channel.unary_stream(
+            "/bench.Bare/Pull", request_serializer=bytes, response_deserializer=bytes
+        )
+        buf = torch.zeros(nbytes, dtype=torch.uint8).numpy()
+        start, got = time.perf_counter(), 0
+        for msg in call(str(nbytes).encode()):
+            view = np.frombuffer(msg, dtype=np.uint8)
+            buf[got : got + view.size] = view
+            got += view.size
+        seconds = time.perf_counter() - start
+        if got != nbytes:
+            raise ValueError(f"bare gRPC stream: expected {nbytes} bytes, got {got}")
+        return seconds
 
     def memcpy_seconds(self, nbytes: int) -> float:
         """Seconds of one copy of ``nbytes`` between two warm buffers (best of 3)."""
@@ -162,6 +223,7 @@ async def measure_transfers(
     """Seconds per repeat: each transport and each floor, interleaved."""
     transports = {label: make_transport(name, **opts) for label, name, opts, _, _ in TRANSPORTS}
     rng = random.Random(1)
+    bare = await src.grpc_bare_address.remote()
     out: dict[int, dict[str, list[float]]] = {}
     bar = tqdm(total=len(tokens) * (WARMUP + repeats), desc="transfers")
     for n in tokens:
@@ -175,7 +237,7 @@ async def measure_transfers(
             tuple(rng.sample(range(num_blocks), blocks)),
         )
         nbytes = move.num_bytes(shape)
-        keys = [*transports, "socket", "memcpy", "calls"]
+        keys = [*transports, "socket", "memcpy", "calls", BARE]
         times: dict[str, list[float]] = {k: [] for k in keys}
         for r in range(WARMUP + repeats):  # warm-up: channels, buffers, malloc arenas
             for label, t in transports.items():
@@ -183,6 +245,7 @@ async def measure_transfers(
                 times[label].append(stats.seconds)
             times["socket"].append(await floor_socket(src, dst, nbytes))
             times["memcpy"].append(float(await dst.memcpy_seconds.remote(nbytes)))
+            times[BARE].append(float(await dst.grpc_bare_pull.remote(bare, nbytes)))
             t0 = time.perf_counter()  # the fixed cost: one empty call on each actor
             await asyncio.gather(src.pid.remote(), dst.pid.remote())
             times["calls"].append(time.perf_counter() - t0)
@@ -204,7 +267,7 @@ def summarize(
         )
         med = {k: statistics.median(v) for k, v in by.items()}
         row: dict[str, Any] = {"bytes": nbytes, "ttft_s": ttft.get(n), "calls_s": med["calls"]}
-        for label, _, _, floor, target in TRANSPORTS:
+        for label, _, _, floor, target in [*TRANSPORTS, (BARE, "", {}, "socket", 0.0)]:
             s = med[label]
             row[label] = {
                 "seconds": s,
@@ -248,7 +311,7 @@ def plot(rows: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [t[0] for t in TRANSPORTS]
+    labels = [*(t[0] for t in TRANSPORTS), BARE]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
