@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from engine.attention import reference
+from engine.attention import cpu_decode, reference
 
 __all__ = [
     "AttentionBackend",
@@ -109,11 +109,13 @@ class AttentionBackendImpl:
     plan_decode: PlanDecodeFn
 
 
+# Decode on fp32 CPU caches goes through a small C kernel (``cpu_decode``) where it
+# builds; everything else is the reference.
 TORCH_BACKEND = AttentionBackendImpl(
     "torch",
     reference.store_kv,
     reference.prefill_attention,
-    reference.decode_attention,
+    cpu_decode.decode_attention,
     reference.plan_store,
     reference.plan_decode,
 )

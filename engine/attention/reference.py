@@ -209,6 +209,16 @@ def plan_decode(
     return DecodePlan(batch, geometry, ids, used * bs, mask, empty)
 
 
+def check_plan(plan: DecodePlan, batch: int, num_blocks: int, block_size: int) -> None:
+    """ValueError unless ``plan`` was made for ``batch`` sequences over caches of
+    ``num_blocks`` blocks of ``block_size``."""
+    if plan.batch != batch or plan.cache_blocks != (num_blocks, block_size):
+        raise ValueError(
+            f"decode plan for {plan.batch} sequences over {plan.cache_blocks} (blocks, "
+            f"block_size), got q of {batch} over ({num_blocks}, {block_size})"
+        )
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -230,11 +240,7 @@ def decode_attention(
     batch = q.shape[0]
     if plan is None:
         plan = plan_decode(context_lens, block_tables, k_cache)
-    elif plan.batch != batch or plan.cache_blocks != (nb, bs):
-        raise ValueError(
-            f"decode plan for {plan.batch} sequences over {plan.cache_blocks} (blocks, "
-            f"block_size), got q of {batch} over ({nb}, {bs})"
-        )
+    check_plan(plan, batch, nb, bs)
     if plan.ids is None:
         return q.new_zeros(q.shape)
     # Query heads grouped per kv head, so K/V are not repeated:

@@ -17,7 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.attention import AttentionBackend, get_attention_backend, triton_available
+from engine.attention import (
+    AttentionBackend,
+    AttentionBackendImpl,
+    get_attention_backend,
+    triton_available,
+)
 from engine.attention import reference as ref
 
 # Triton runs on CUDA when there is one, else in the interpreter on CPU.
@@ -36,7 +41,16 @@ LENGTHS = {  # name: (context_lens, q_lens); decode uses q_len 1
 }
 
 
+# The torch functions alone: the "torch" backend decodes fp32 through the C kernel.
+REFERENCE = AttentionBackendImpl(
+    "reference", ref.store_kv, ref.prefill_attention, ref.decode_attention, ref.plan_store,
+    ref.plan_decode,
+)  # fmt: skip
+
+
 def backend_and_device(name: str) -> tuple[AttentionBackend, torch.device]:
+    if name == "reference":
+        return REFERENCE, torch.device("cpu")
     device = TRITON_DEVICE if name == "triton" else torch.device("cpu")
     return get_attention_backend(name, device), device
 
@@ -176,17 +190,19 @@ TRITON_GRID = [
 ]
 
 
+@pytest.mark.parametrize("name", ["torch", "reference"])
 @pytest.mark.parametrize(("mode", "lengths"), MODES)
 @pytest.mark.parametrize(("group", "d", "bs", "dtype"), GRID)
 def test_reference_matches_naive(
-    mode: str, lengths: str, group: int, d: int, bs: int, dtype: torch.dtype
+    name: str, mode: str, lengths: str, group: int, d: int, bs: int, dtype: torch.dtype
 ) -> None:
-    check("torch", mode, lengths, group, d, bs, dtype)
+    check(name, mode, lengths, group, d, bs, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("mode", "lengths"), [*MODES, ("decode", "long"), ("prefill", "long")])
-def test_reference_long(mode: str, lengths: str) -> None:
-    check("torch", mode, lengths, 2, 64, 16, torch.bfloat16)
+def test_reference_long(mode: str, lengths: str, dtype: torch.dtype) -> None:
+    check("torch", mode, lengths, 2, 64, 16, dtype)
 
 
 @needs_triton
@@ -205,7 +221,7 @@ def test_triton_long(mode: str, dtype: torch.dtype) -> None:
     check("triton", mode, "long", 2, 64, 16, dtype, num_kv_heads=1)
 
 
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+BACKENDS = ["torch", "reference", pytest.param("triton", marks=needs_triton)]
 
 
 @pytest.mark.parametrize("name", BACKENDS)
