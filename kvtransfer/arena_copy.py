@@ -167,24 +167,27 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def copy_move(src: MoveIO, dst: MoveIO, deadline: float) -> int:
-    """Copies one move's blocks from ``src``'s cache into ``dst``'s, one layer and part
-    at a time: block rows by memmove where both parts hold whole blocks contiguously,
-    else through a staging buffer of one part's blocks (a gather and a scatter: torch
-    has no indexed copy between two indexed tensors); returns the bytes copied.
-    TimeoutError when ``deadline`` (perf_counter) passes between layers."""
+    """Copies one move's blocks from ``src``'s cache into ``dst``'s: block rows by
+    memmove where both parts hold whole blocks contiguously (all such parts of the move
+    in one call), else one layer and part at a time through a staging buffer of one
+    part's blocks (a gather and a scatter: torch has no indexed copy between two
+    indexed tensors); returns the bytes copied. TimeoutError when ``deadline``
+    (perf_counter) passes between layers."""
     n, first = len(src.index), _rows(src.parts[0][0])
     runs = RowRuns(src.blocks, dst.blocks)
     stage: torch.Tensor | None = None
+    rows: list[tuple[torch.Tensor, torch.Tensor]] = []
     for (sk, sv), (dk, dv) in zip(src.parts, dst.parts, strict=True):
         if time.perf_counter() > deadline:
             raise TimeoutError(f"KV copy passed its deadline ({n} blocks per layer)")
         for s, d in ((sk, dk), (sv, dv)):
             if rows_match(s, d):
-                copy_runs(s, d, runs)
+                rows.append((s, d))
                 continue
             if stage is None:
                 stage = torch.empty((n, *first.shape[1:]), dtype=first.dtype)
             s, d = _rows(s), _rows(d)
             torch.index_select(s, 0, src.index, out=stage.view(n, *s.shape[1:]))
             d.index_copy_(0, dst.index, stage.view(n, *d.shape[1:]))
+    copy_runs(rows, runs)
     return src.nbytes(src.whole())

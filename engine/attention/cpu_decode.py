@@ -2,10 +2,8 @@
 
 The torch reference gathers every sequence's K/V blocks into a new tensor, then runs
 SDPA on it: at batch 32 on this project's 2-core machine that is ~1.6 ms per layer for
-~11 MB of K/V. The kernel reads the keys in place from the paged cache, block by block.
-It is built on first use with the system's C compiler (``cc``, ``-O3 -march=native``)
-into a cache directory (``PDSERVE_KERNEL_CACHE``, default ``~/.cache/pdserve``), keyed
-by the source, the flags and the CPU; the build takes well under a second.
+~11 MB of K/V. The kernel reads the keys in place from the paged cache, block by block
+(~1 ms). It is built on first use (``engine.native``).
 
 It serves fp32 caches on the CPU. Everything else, or a machine without a compiler, or
 ``PDSERVE_CPU_KERNELS=0`` in the environment, falls back to
@@ -16,69 +14,30 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import itertools
-import logging
-import os
-import platform
-import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from engine import native
 from engine.attention import reference
 from engine.attention.reference import DecodePlan
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
 # Batches of at least this many keys in all are split over the rank's torch threads
 # (a hand-off to a pool thread costs ~0.1 ms here: 8 x 170 keys ran slower split).
 SPLIT_KEYS = 4096
-_log = logging.getLogger(__name__)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-
-
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
-
-
-def _build(out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside its final name, then renamed: concurrent builders never see half a file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        cmd = ["cc", *FLAGS, str(SOURCE), "-o", tmp, "-lm"]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The built kernel, or None where it cannot be (no compiler, switched off)."""
-    if os.environ.get("PDSERVE_CPU_KERNELS", "1") == "0":
-        return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode())
-    cache = Path(os.environ.get("PDSERVE_KERNEL_CACHE", Path.home() / ".cache" / "pdserve"))
-    path = cache / f"paged_decode-{key.hexdigest()[:16]}.so"
-    try:
-        if not path.exists():
-            _build(path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        _log.warning("CPU decode kernel unavailable (%s): using the torch reference", e)
-        return None
-    lib.paged_decode.restype = ctypes.c_int
-    lib.paged_decode.argtypes = [_PTR] * 6 + [_I64] * 8 + [ctypes.c_float]
+    """The built kernel, or None where it cannot be (see ``engine.native.load``)."""
+    lib = native.load(SOURCE)
+    if lib is not None:
+        lib.paged_decode.restype = ctypes.c_int
+        lib.paged_decode.argtypes = [_PTR] * 6 + [_I64] * 8 + [ctypes.c_float]
     return lib
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvtransfer import rows
 from kvtransfer.rows import RowRuns, copy_runs, rows_match
 
 
@@ -17,16 +18,30 @@ def test_runs_group_rows_consecutive_on_both_sides() -> None:
         RowRuns([-1], [0])
 
 
+@pytest.mark.parametrize("kernel", ["1", "0"])  # the C kernel, and the memmove loop
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_copy_runs_equals_indexed_copy(dtype: torch.dtype) -> None:
+def test_copy_runs_equals_indexed_copy(
+    dtype: torch.dtype, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PDSERVE_CPU_KERNELS", kernel)
+    rows._kernel.cache_clear()
     gen = torch.Generator().manual_seed(0)
-    src = torch.randn(20, 16, 2, 8, generator=gen).to(dtype)
-    dst = torch.randn(30, 16, 2, 8, generator=gen).to(dtype)
+    pairs = [
+        (torch.randn(20, 16, 2, 8, generator=gen).to(dtype),
+         torch.randn(30, 16, 2, 8, generator=gen).to(dtype))
+        for _ in range(3)
+    ]  # fmt: skip
     s_rows, d_rows = [3, 4, 5, 19, 0, 7], [29, 10, 11, 0, 1, 2]
-    want = dst.clone()
-    want[d_rows] = src[s_rows]
-    copy_runs(src, dst, RowRuns(s_rows, d_rows))
-    assert torch.equal(dst, want)
+    wants = []
+    for src, dst in pairs:
+        wants.append(dst.clone())
+        wants[-1][d_rows] = src[s_rows]
+    try:
+        assert (rows._kernel() is None) == (kernel == "0")
+        copy_runs(pairs, RowRuns(s_rows, d_rows))
+    finally:
+        rows._kernel.cache_clear()
+    assert all(torch.equal(dst, want) for (_, dst), want in zip(pairs, wants, strict=True))
 
 
 def test_copy_runs_refuses_what_it_cannot_copy_safely() -> None:
@@ -34,11 +49,12 @@ def test_copy_runs_refuses_what_it_cannot_copy_safely() -> None:
     with pytest.raises(
         ValueError, match="need 5 source / 1 destination rows, the tensors have 4 / 6"
     ):
-        copy_runs(src, dst, RowRuns([4], [0]))
+        copy_runs([(src, dst)], RowRuns([4], [0]))
     with pytest.raises(ValueError, match="need 1 source / 7 destination rows"):
-        copy_runs(src, dst, RowRuns([0], [6]))
+        copy_runs([(src, dst)], RowRuns([0], [6]))
     with pytest.raises(ValueError, match=r"equal rows, got \(4, 8\) torch.float32 and \(6, 9\)"):
-        copy_runs(src, torch.zeros(6, 9), RowRuns([0], [0]))
+        # one bad pair refuses the whole copy, before any byte of the good one moves
+        copy_runs([(src + 1, dst), (src, torch.zeros(6, 9))], RowRuns([0], [0]))
     assert not rows_match(src, dst.to(torch.bfloat16))
     assert not rows_match(src, torch.zeros(8, 6).t())  # not contiguous
     assert dst.abs().sum() == 0  # nothing was written
