@@ -28,9 +28,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-# Set before numpy loads (process start): OpenBLAS's workers then sleep at once after
-# a call instead of spinning 2**28 cycles on a core torch needs.
-BLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+# Set before numpy loads (process start): OpenBLAS's workers spin 2**20 cycles (~0.35
+# ms) after a call instead of 2**28 (~100 ms) on a core torch needs. Long enough to
+# bridge the gaps between a step's GEMVs (with 2**4 each GEMV woke its workers from
+# sleep: small's batch-1 step ran 10-15% slower, interleaved runs here).
+BLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "20"}
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("single_row_gemv", default=False)
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 # Set before anything loads numpy (and OpenBLAS with it): see engine/gemv.py. A test
 # keeps it equal to engine.gemv.BLAS_ENV; importing that module here would load numpy.
-BLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+BLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "20"}
 for _name, _value in BLAS_ENV.items():
     os.environ.setdefault(_name, _value)
 
