@@ -1,9 +1,11 @@
 """Engine benchmark: our engine vs transformers' generate on the same checkpoint.
 
 Run: ``python -m bench.engine [--presets small,medium] [--batch-sizes 1,8,32]
-[--device cuda]``.
-Each (system, preset) runs in its own subprocess so peak memory is its own. Prints the
-ratios side by side; writes bench/results/engine.json and engine.png.
+[--repeats N] [--device cuda]``.
+Each (system, preset) runs in its own subprocess so peak memory is its own; with
+``--repeats N`` each runs N times, the systems interleaved, and every figure is the
+median of its N (a shared 2-core VM drifts 20-30% between runs). Prints the ratios side
+by side; writes bench/results/engine-*.json and .png.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +60,17 @@ def run_worker(system: str, preset: str, args: argparse.Namespace) -> dict[str, 
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each numeric figure's median over ``runs`` (other fields from the first)."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in runs)
+    if len(runs) > 1:
+        out["runs"] = len(runs)
+    return out
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:5.2f}x" if b else "  n/a"
 
@@ -64,7 +78,8 @@ def ratio(a: float, b: float) -> str:
 def print_table(results: dict[str, dict[str, dict[str, Any]]], batch_sizes: list[int]) -> None:
     for preset, by_sys in results.items():
         ours, hf = by_sys["pdserve"], by_sys["transformers"]
-        print(f"\n== {preset}: {ours['params'] / 1e6:.1f}M params, {ours['dtype']} ==")
+        runs = f"; medians of {ours['runs']} runs each" if ours.get("runs") else ""
+        print(f"\n== {preset}: {ours['params'] / 1e6:.1f}M params, {ours['dtype']}{runs} ==")
         print(f"{'metric':<28}{'pdserve':>12}{'transformers':>14}{'ratio':>9}")
         rows = (
             [("prefill tok/s", "prefill_tok_s")]
@@ -117,15 +132,21 @@ def main(argv: list[str] | None = None) -> int:
         help="output lengths: uniform in [L/2, L], or the Azure conversation trace's mix",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (both systems)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per system; medians shown")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     presets = args.presets.split(",")
     for preset in presets:
         model_dir(args.arch, preset)  # build checkpoints before timing anything
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    jobs = [(pr, s) for pr in presets for s in SYSTEMS]
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    jobs = [(pr, s) for pr in presets for _ in range(args.repeats) for s in SYSTEMS]
     for preset, system in tqdm(jobs, desc="bench engine"):
-        results.setdefault(preset, {})[system] = run_worker(system, preset, args)
+        runs.setdefault((preset, system), []).append(run_worker(system, preset, args))
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for (preset, system), got in runs.items():
+        results.setdefault(preset, {})[system] = median_run(got)
     print_table(results, batch_sizes)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"engine-{args.output_dist}" + ("" if args.device == "cpu" else f"-{args.device}")
