@@ -1,4 +1,6 @@
-"""Single-row linear layers (batch-1 decode on a CPU) through numpy's OpenBLAS GEMV.
+"""Single-row linear layers (batch-1 decode on a CPU): through the C library of
+``engine.single_row`` where it is built (with whole decoder layers fused:
+``engine.fused_layer``), else through numpy's OpenBLAS GEMV, as follows.
 
 Measured on this project's 2-core AVX2 machine, medium preset: torch's (MKL's) fp32
 GEMV streams the weights at 14-17 GB/s, OpenBLAS's at 24-28 GB/s on two threads, so a
@@ -28,6 +30,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from engine import single_row
+
 # Set before numpy loads (process start): OpenBLAS's workers spin 2**20 cycles (~0.35
 # ms) after a call instead of 2**28 (~100 ms) on a core torch needs. Long enough to
 # bridge the gaps between a step's GEMVs (with 2**4 each GEMV woke its workers from
@@ -42,11 +46,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     through OpenBLAS's GEMV (same result within fp32 rounding)."""
     if not (_ACTIVE.get() and x.dim() == 2 and x.shape[0] == 1):
         return F.linear(x, weight, bias)
+    if (out := single_row.gemv(x, weight, bias)) is not None:
+        return out
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     # Numpy indexing, not torch's: each torch op here costs as much as a small GEMV.
     out = torch.from_numpy(np.dot(_weight_array(weight), x.numpy()[0])[None])
     return out if bias is None else out.add_(bias)
+
+
+def active() -> bool:
+    """Whether the caller runs inside :meth:`SingleRowGemv.step` with the path on."""
+    return _ACTIVE.get()
 
 
 def _weight_array(weight: torch.Tensor) -> np.ndarray:
@@ -75,25 +86,30 @@ def _openblas() -> Any | None:
 
 
 class SingleRowGemv:
-    """Switches one rank's single-row steps to OpenBLAS's GEMV where that is safe (see
-    the module docstring); ``threads`` is the rank's torch thread count."""
+    """Switches one rank's single-row steps to the C library's GEMV and fused layers
+    (``engine.single_row``), else to OpenBLAS's GEMV where that is safe (see the module
+    docstring); ``threads`` is the rank's torch thread count."""
 
     def __init__(self, threads: int, device: torch.device):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
-        self.blas = _openblas() if device.type == "cpu" else None
+        cpu = device.type == "cpu"
+        self.native = cpu and single_row.start(threads)
+        self.blas = _openblas() if cpu and not self.native else None
         quiet = threads == 1 or bool(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
-        self.enabled = self.blas is not None and quiet
+        self.enabled = self.native or (self.blas is not None and quiet)
 
     @contextlib.contextmanager
     def step(self, num_rows: int) -> Iterator[None]:
-        """Runs the body (one forward of ``num_rows`` token rows) with the GEMV path on
-        when it applies: torch on one thread, OpenBLAS on ``threads``."""
-        if not (self.enabled and num_rows == 1) or self.blas is None:
+        """Runs the body (one forward of ``num_rows`` token rows) with the single-row
+        path on when it applies: torch on one thread, the library's pool (or
+        OpenBLAS) on ``threads``."""
+        if not (self.enabled and num_rows == 1):
             yield
             return
-        self.blas.set_num_threads(self.threads)
+        if self.blas is not None:
+            self.blas.set_num_threads(self.threads)
         torch.set_num_threads(1)
         token = _ACTIVE.set(True)
         try:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from engine.forward_batch import ForwardBatch
+from engine.fused_layer import fused_layer
 from engine.layers import RMSNorm, RotaryEmbedding
 from engine.model_config import ModelConfig
 from engine.moe import SparseMoeBlock
@@ -140,6 +141,7 @@ class DecoderLayer(nn.Module):
         )
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.fused = fused_layer(self, pc.tp_size)  # batch-1 CPU decode in one C call
 
     def forward(
         self,
@@ -149,6 +151,8 @@ class DecoderLayer(nn.Module):
         batch: ForwardBatch,
         kv: KVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused is not None and (out := self.fused(positions, x, residual, batch, kv)):
+            return out
         x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, batch, kv)
         x, residual = self.post_attention_layernorm(x, residual)

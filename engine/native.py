@@ -58,12 +58,14 @@ def _build(source: Path, out: Path) -> None:
             os.unlink(tmp)
 
 
-def load(source: Path) -> ctypes.CDLL | None:
+def load(source: Path, includes: tuple[Path, ...] = ()) -> ctypes.CDLL | None:
     """The kernel built from ``source`` (built now if this machine has not yet), or
-    None where it cannot be (no compiler, kernels switched off). Callers cache it."""
+    None where it cannot be (no compiler, kernels switched off). ``includes``: the
+    files ``source`` includes (part of the build's key). Callers cache it."""
     if not enabled():
         return None
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode())
+    text = b"".join(f.read_bytes() for f in (source, *includes))
+    key = hashlib.sha256(text + " ".join(FLAGS).encode() + _cpu_id().encode())
     path = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     try:
         if not path.exists():

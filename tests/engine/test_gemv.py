@@ -1,5 +1,6 @@
-"""Single-row linear layers through OpenBLAS's GEMV: same results, taken only inside a
-single-row step, torch's threads restored after it."""
+"""Single-row linear layers through OpenBLAS's GEMV (the path where the C library of
+``engine.single_row`` is not built; tests/engine/test_single_row.py covers that one):
+same results, taken only inside a single-row step, torch's threads restored after it."""
 
 from __future__ import annotations
 
@@ -14,11 +15,18 @@ from torch.nn import functional as F
 import engine.gemv as gemv
 import router.cli
 from decode.llm import LLM
+from engine import single_row
 from engine.config import CacheConfig, EngineConfig
 from engine.gemv import SingleRowGemv, linear
 from engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def without_the_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine without a C compiler (or with ``PDSERVE_CPU_KERNELS=0``)."""
+    monkeypatch.setattr(single_row, "library", lambda: None)
 
 
 def make(threads: int = 1) -> SingleRowGemv:

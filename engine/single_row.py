@@ -1,0 +1,102 @@
+"""Batch-1 decode on the CPU through a small C library (``single_row.c``).
+
+A batch-1 step is memory-bound on the weights, but each of a layer's ~30 torch calls
+costs 5-20 us here, ~4 ms of a small model's ~10 ms step. The library does a whole
+dense decoder layer in one call (:class:`FusedDecodeLayer`) and the remaining
+single-row linears (the LM head) with the same GEMV, over its own thread pool: the
+caller's thread plus ``threads - 1`` workers that spin ~0.1 ms between tasks, then
+sleep. It is built on first use (``engine.native``); without a compiler, or with
+``PDSERVE_CPU_KERNELS=0``, callers keep their torch/OpenBLAS path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine import native
+
+if TYPE_CHECKING:
+    from engine.forward_batch import ForwardBatch
+
+SOURCE = Path(__file__).with_name("single_row.c")
+INCLUDES = (Path(__file__).parent / "attention" / "paged_decode.c",)
+SPIN_NS = 100_000
+_PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
+# decode_layer's pointer slots and sizes (the enums in single_row.c, in order)
+_PTRS = "x res out res_out ln1 wqkv bqkv qn kn cos sin kc vc table wo ln2 wgu wd scratch"
+_DIMS = "has_res hidden nh nkv d inter slot ctx nb bs table_len"
+P = {name: i for i, name in enumerate(_PTRS.split())}
+D = {name: i for i, name in enumerate(_DIMS.split())}
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built library, or None where it cannot be (see ``engine.native.load``)."""
+    lib = native.load(SOURCE, INCLUDES)
+    if lib is not None:
+        lib.pool_start.restype = ctypes.c_int
+        lib.pool_start.argtypes = [ctypes.c_int, _I64]
+        lib.gemv.restype = None
+        lib.gemv.argtypes = [_PTR] * 4 + [_I64] * 2
+        lib.decode_layer.restype = ctypes.c_int
+        lib.decode_layer.argtypes = [_PTR, _PTR, ctypes.c_float, ctypes.c_float]
+    return lib
+
+
+def start(threads: int) -> bool:
+    """Starts the library's pool with ``threads`` threads (the first call in a process
+    decides); whether the library is there."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    lib = library()
+    if lib is None:
+        return False
+    lib.pool_start(threads, SPIN_NS)
+    return True
+
+
+def fp32_cpu(*tensors: torch.Tensor | None) -> bool:
+    return all(
+        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
+        for t in tensors
+    )
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.linear`` of one fp32 CPU row by the library's GEMV; None where it does not
+    apply (no library, another dtype or device, non-contiguous operands)."""
+    lib = library()
+    if lib is None or not fp32_cpu(x, weight, bias) or x.shape[-1] != weight.shape[1]:
+        return None
+    out = torch.empty((1, weight.shape[0]), dtype=torch.float32)
+    b = None if bias is None else bias.data_ptr()
+    lib.gemv(weight.data_ptr(), x.data_ptr(), b, out.data_ptr(), *weight.shape)
+    return out
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What every layer of a batch-1 decode step shares: the new token's cache slot,
+    its context length (keys, itself included), its block table and rope tables."""
+
+    slot: int
+    ctx: int
+    table: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def step_inputs(batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]) -> StepInputs | None:
+    """The step's :class:`StepInputs`, or None unless it is one decode token."""
+    if batch.num_tokens != 1 or batch.num_prefill_tokens != 0:
+        return None
+    table = batch.decode_block_tables[0].to(torch.int32).contiguous()
+    cos, sin = (t.reshape(-1).contiguous() for t in rope)
+    ctx = int(batch.decode_context_lens[0])
+    return StepInputs(int(batch.slot_mapping[0]), ctx, table, cos, sin)
