@@ -12,6 +12,7 @@ from engine.cpu import configure_cpu_runtime, cpu_half_is_fast
 from engine.cuda_graphs import DecodeGraphs
 from engine.forward_batch import ForwardBatch
 from engine.gemv import SingleRowGemv
+from engine.huge_pages import move_to_huge_pages
 from engine.kv_arena import KVArena
 from engine.loader import load_weights
 from engine.memory import host_memory_bytes, num_kv_blocks
@@ -100,6 +101,8 @@ class ModelRunner:
             )
         load_weights(self.model, model_cfg.model_type, config.model)
         self.model.eval()
+        # CPU: weights on huge pages (a batch-1 step streams them all, see huge_pages)
+        self.weight_arena = move_to_huge_pages(self.model) if self.device.type == "cpu" else None
         block_size = config.cache.block_size
         num_blocks = num_kv_blocks(
             model_cfg,
