@@ -1,6 +1,6 @@
 """Single-row linear layers (batch-1 decode on a CPU): through the C library of
 ``engine.single_row`` where it is built (with whole decoder layers fused:
-``engine.fused_layer``), else through numpy's OpenBLAS GEMV, as follows.
+``engine.fused_stack``), else through numpy's OpenBLAS GEMV, as follows.
 
 Measured on this project's 2-core AVX2 machine, medium preset: torch's (MKL's) fp32
 GEMV streams the weights at 14-17 GB/s, OpenBLAS's at 24-28 GB/s on two threads, so a

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine import gemv, single_row
 from engine.model_config import RopeConfig
 
 
@@ -30,6 +31,8 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if gemv.active() and (fused := single_row.add_rms_norm(x, residual, self.weight, self.eps)):
+            return fused  # a single-row step on the CPU: one C call
         if residual is not None:
             x = x + residual
         return self._norm(x), x

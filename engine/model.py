@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from engine.forward_batch import ForwardBatch
-from engine.fused_layer import fused_layer
+from engine.fused_stack import fused_stack
 from engine.layers import RMSNorm, RotaryEmbedding
 from engine.model_config import ModelConfig
 from engine.moe import SparseMoeBlock
@@ -141,7 +141,6 @@ class DecoderLayer(nn.Module):
         )
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.fused = fused_layer(self, pc.tp_size)  # batch-1 CPU decode in one C call
 
     def forward(
         self,
@@ -151,8 +150,6 @@ class DecoderLayer(nn.Module):
         batch: ForwardBatch,
         kv: KVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fused is not None and (out := self.fused(positions, x, residual, batch, kv)):
-            return out
         x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, batch, kv)
         x, residual = self.post_attention_layernorm(x, residual)
@@ -192,6 +189,9 @@ class DecoderModel(nn.Module):
             for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if self.is_last else None
+        # batch-1 CPU decode of all this stage's layers in one C call
+        stage = [m for m in self.layers if isinstance(m, DecoderLayer)]
+        self.fused = fused_stack(stage, pc.tp_size)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens is None or not self.is_first:
@@ -206,6 +206,8 @@ class DecoderModel(nn.Module):
         kv_caches: list[KVCache],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This stage's layers; ``kv_caches`` holds one entry per stage layer."""
+        if self.fused is not None and (out := self.fused(batch, x, residual, kv_caches)):
+            return out
         layers = [self.layers[i] for i in self.stage_layers]
         for layer, kv in zip(layers, kv_caches, strict=True):
             x, residual = layer(batch.positions, x, residual, batch, kv)

@@ -160,20 +160,29 @@ static void rms_norm(const float *x, const float *w, float *out, int64_t n, floa
     for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
 }
 
-/* x (d wide) rotated in place: x * cos + concat(x[d/2:], x[:d/2]) * signed sin. */
+/* res_out = x (+ res when not NULL); out = rms_norm(res_out) * w: RMSNorm with the
+ * residual add of engine/layers.py, for one row of n. */
+void add_rms_norm(const float *x, const float *res, const float *w, float *out, float *res_out,
+                  int64_t n, float eps) {
+    for (int64_t i = 0; i < n; i++) res_out[i] = res ? x[i] + res[i] : x[i];
+    rms_norm(res_out, w, out, n, eps);
+}
+
+/* x (d wide) rotated in place by one position's half-width tables (rotate-half). */
 static void rope(float *x, const float *cos, const float *sin, int64_t d) {
     const int64_t half = d / 2;
     for (int64_t i = 0; i < half; i++) {
         const float a = x[i], b = x[i + half];
-        x[i] = a * cos[i] + b * sin[i];
-        x[i + half] = b * cos[i + half] + a * sin[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i] + a * sin[i];
     }
 }
 
-/* Pointer slots and sizes of decode_layer (engine/fused_layer.py fills them). */
+/* Pointer slots and sizes of decode_layer (engine/fused_stack.py fills them). */
 enum { X, RES, OUT, RES_OUT, LN1, WQKV, BQKV, QN, KN, COS, SIN, KC, VC, TABLE, WO, LN2, WGU, WD,
        SCRATCH };
 enum { HAS_RES, HIDDEN, NH, NKV, D, INTER, SLOT, CTX, NB, BS, TABLE_LEN };
+enum { N_PTRS = SCRATCH + 1, N_DIMS = TABLE_LEN + 1 };
 
 /* One dense decoder layer for one token: out, res_out = layer(x, res) as
  * engine/model.py's DecoderLayer computes them (pre-norm attention with the new K/V
@@ -214,4 +223,13 @@ int decode_layer(const int64_t *ptr, const int64_t *dim, float eps, float scale)
     gemv(F(WD), gu, NULL, F(OUT), hid, inter);
     return 0;
 #undef F
+}
+
+/* n layers in a row, one row of decode_layer's slots each (ptr: n x N_PTRS, dim: n x
+ * N_DIMS); the caller points layer i's x/res at layer i-1's out/res_out. Returns 0, or
+ * -1 - i when layer i failed (nothing of layer i stored; layers before it ran). */
+int decode_layers(const int64_t *ptr, const int64_t *dim, int64_t n, float eps, float scale) {
+    for (int64_t i = 0; i < n; i++)
+        if (decode_layer(ptr + i * N_PTRS, dim + i * N_DIMS, eps, scale) != 0) return (int)(-1 - i);
+    return 0;
 }

@@ -1,6 +1,6 @@
-"""The C library for batch-1 CPU decode (``engine.single_row``, ``engine.fused_layer``):
-its GEMV against torch, a fused decoder layer against the layer's torch path, and the
-engine's tokens and logprobs with and without it, per model family."""
+"""The C library for batch-1 CPU decode (``engine.single_row``, ``engine.fused_stack``):
+its GEMV against torch, a stage's fused decoder layers against their torch path, and
+the engine's tokens and logprobs with and without it, per model family."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from decode.llm import LLM
 from engine import single_row
 from engine.config import CacheConfig, EngineConfig
 from engine.forward_batch import ForwardBatch
-from engine.fused_layer import FusedDecodeLayer
-from engine.model import DecoderLayer
+from engine.fused_stack import FusedDecodeStack
+from engine.layers import RMSNorm
 from engine.sampling_params import SamplingParams
 from tests.engine.hf_models import FAMILIES, build_hf_model
 
@@ -43,6 +43,19 @@ def test_gemv_declines_what_it_does_not_serve() -> None:
         single_row.start(0)
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_the_torch_norm(with_residual: bool) -> None:
+    norm = RMSNorm(200, 1e-5, torch.float32)
+    norm.weight.data.normal_()
+    x = torch.randn(1, 200)
+    residual = torch.randn(1, 200) if with_residual else None
+    got = single_row.add_rms_norm(x, residual, norm.weight, norm.eps)
+    assert got is not None
+    torch.testing.assert_close(got, norm(x, residual), rtol=1e-5, atol=1e-5)  # not in a step
+    assert single_row.add_rms_norm(torch.randn(2, 200), None, norm.weight, 1e-5) is None
+    assert single_row.add_rms_norm(x.double(), None, norm.weight, 1e-5) is None
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     path = tmp_path_factory.mktemp(f"sr-{request.param}")
@@ -51,10 +64,6 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         model=str(path), dtype="float32", num_threads=2, cache=CacheConfig(num_blocks=64)
     )
     return request.param, LLM(cfg)
-
-
-def layers(llm: LLM) -> list[DecoderLayer]:
-    return [m for m in llm.runner.model.model.layers if isinstance(m, DecoderLayer)]
 
 
 def one_token_batch(slot: int, ctx: int, table: list[int], position: int) -> ForwardBatch:
@@ -73,30 +82,37 @@ def one_token_batch(slot: int, ctx: int, table: list[int], position: int) -> For
     )
 
 
-def dense_layer(llm: LLM) -> tuple[DecoderLayer, FusedDecodeLayer]:
-    layer = next(x for x in layers(llm) if x.fused is not None)
-    assert layer.fused is not None
-    return layer, layer.fused
+def stack_of(llm: LLM) -> FusedDecodeStack:
+    stack = llm.runner.model.model.fused
+    assert stack is not None
+    return stack
 
 
-def test_fused_layer_equals_the_layers_torch_path(family: Any) -> None:
+def random_caches(llm: LLM, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [
+        (torch.randn(k.shape, generator=gen), torch.randn(v.shape, generator=gen))
+        for k, v in llm.runner.kv_caches
+    ]
+
+
+def test_fused_stack_equals_the_layers_torch_path(family: Any) -> None:
     name, llm = family
-    fused = [layer.fused is not None for layer in layers(llm)]
-    assert not all(fused) if name == "qwen3_moe" else all(fused)  # MoE layers: torch
-    layer, fast = dense_layer(llm)
-    k, v = llm.runner.kv_caches[0]
+    if name == "qwen3_moe":  # MoE layers (and so the stage) keep the torch path
+        assert llm.runner.model.model.fused is None
+        return
+    model, stack = llm.runner.model.model, stack_of(llm)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, layer.input_layernorm.weight.shape[0], generator=gen)
+    x = torch.randn(1, stack.hidden, generator=gen)
     batch = one_token_batch(slot=2 * 16 + 5, ctx=38, table=[7, 1, 2, 9], position=37)
-    for residual in (None, torch.randn(x.shape, generator=gen)):
-        cache = (torch.randn(k.shape, generator=gen), torch.randn(v.shape, generator=gen))
-        kv_fast, kv_torch = [(cache[0].clone(), cache[1].clone()) for _ in range(2)]
+    for residual in (None, torch.randn(x.shape, generator=gen), None):
+        caches = random_caches(llm, gen)  # new tensors each time: laid out again
+        kv_fast = [(k.clone(), v.clone()) for k, v in caches]
         with llm.runner.gemv.step(1):
-            got = fast(batch.positions, x, residual, batch, kv_fast)
-        assert got is not None
-        want = layer(batch.positions, x, residual, batch, kv_torch)  # outside a step: torch
-        for a, b in zip((*got, *kv_fast), (*want, *kv_torch), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            got = stack(batch, x, residual, kv_fast)
+        assert got is not None and stack.laid_out is not None
+        want = model.run_layers(batch, x, residual, caches)  # outside a step: torch
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kv_fast, caches, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -106,36 +122,38 @@ def test_fused_layer_equals_the_layers_torch_path(family: Any) -> None:
 def test_a_step_outside_the_cache_raises_before_storing(
     family: Any, slot: int, ctx: int, table: list[int]
 ) -> None:
-    llm = family[1]
-    layer, fast = dense_layer(llm)
-    k, v = (t.clone() for t in llm.runner.kv_caches[0])
-    before = k.clone()
-    x = torch.randn(1, layer.input_layernorm.weight.shape[0])
+    name, llm = family
+    if name == "qwen3_moe":
+        return
+    stack = stack_of(llm)
+    caches = [(k.clone(), v.clone()) for k, v in llm.runner.kv_caches]
+    before = [k.clone() for k, _ in caches]
+    x = torch.randn(1, stack.hidden)
     batch = one_token_batch(slot, ctx, table, position=max(ctx - 1, 0))
     with llm.runner.gemv.step(1), pytest.raises(ValueError, match=f"slot {slot}, context {ctx}"):
-        fast(batch.positions, x, None, batch, (k, v))
-    assert torch.equal(k, before)
+        stack(batch, x, None, caches)
+    assert all(torch.equal(k, b) for (k, _), b in zip(caches, before, strict=True))
 
 
 def test_engine_tokens_and_logprobs_equal_the_torch_path(
     family: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    llm = family[1]
+    name, llm = family
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
     calls: list[bool] = []
-    call = FusedDecodeLayer.__call__
+    call = FusedDecodeStack.__call__
 
-    def counted(self: FusedDecodeLayer, *args: Any) -> Any:
+    def counted(self: FusedDecodeStack, *args: Any) -> Any:
         out = call(self, *args)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(FusedDecodeLayer, "__call__", counted)
+    monkeypatch.setattr(FusedDecodeStack, "__call__", counted)
     (fast,) = llm.generate([PROMPT], params)
     monkeypatch.setattr(single_row, "library", lambda: None)
     (slow,) = llm.generate([PROMPT], params)
     assert fast.token_ids == slow.token_ids and len(fast.token_ids) == 24
     for a, b in zip(fast.logprobs, slow.logprobs, strict=True):
         assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
-    dense = sum(layer.fused is not None for layer in layers(llm))
-    assert calls.count(True) == 23 * dense  # every decode step, every dense layer
+    # every decode step of the fast run, none of the prefill or the library-less run
+    assert calls.count(True) == (0 if name == "qwen3_moe" else 23)
