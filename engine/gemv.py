@@ -1,6 +1,7 @@
-"""Single-row linear layers (batch-1 decode on a CPU): through the C library of
-``engine.single_row`` where it is built (with whole decoder layers fused:
-``engine.fused_stack``), else through numpy's OpenBLAS GEMV, as follows.
+"""Few-row linear layers (small-batch decode on a CPU): through the C library of
+``engine.single_row`` where it is built (steps of up to ``MAX_ROWS`` rows; batch-1
+steps with whole decoder layers fused: ``engine.fused_stack``), else, for one row,
+through numpy's OpenBLAS GEMV, as follows.
 
 Measured on this project's 2-core AVX2 machine, medium preset: torch's (MKL's) fp32
 GEMV streams the weights at 14-17 GB/s, OpenBLAS's at 24-28 GB/s on two threads, so a
@@ -42,13 +43,14 @@ _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("single_row_gemv"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; a single fp32 CPU row inside :meth:`SingleRowGemv.step` goes
-    through OpenBLAS's GEMV (same result within fp32 rounding)."""
-    if not (_ACTIVE.get() and x.dim() == 2 and x.shape[0] == 1):
+    """``F.linear``; inside :meth:`SingleRowGemv.step`, fp32 CPU rows go through the C
+    library's GEMV/GEMM, or a single row through OpenBLAS's GEMV (same result within
+    fp32 rounding)."""
+    if not (_ACTIVE.get() and x.dim() == 2):
         return F.linear(x, weight, bias)
-    if (out := single_row.gemv(x, weight, bias)) is not None:
+    if (out := single_row.linear(x, weight, bias)) is not None:
         return out
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+    if x.shape[0] != 1 or not single_row.fp32_cpu(x, weight, bias):
         return F.linear(x, weight, bias)
     # Numpy indexing, not torch's: each torch op here costs as much as a small GEMV.
     out = torch.from_numpy(np.dot(_weight_array(weight), x.numpy()[0])[None])
@@ -86,14 +88,17 @@ def _openblas() -> Any | None:
 
 
 class SingleRowGemv:
-    """Switches one rank's single-row steps to the C library's GEMV and fused layers
-    (``engine.single_row``), else to OpenBLAS's GEMV where that is safe (see the module
-    docstring); ``threads`` is the rank's torch thread count."""
+    """Switches one rank's steps of up to ``max_rows`` rows to the C library's
+    GEMV/GEMM and fused layers (``engine.single_row``), else single-row steps to
+    OpenBLAS's GEMV where that is safe (see the module docstring); ``threads`` is the
+    rank's torch thread count."""
 
-    def __init__(self, threads: int, device: torch.device):
+    def __init__(self, threads: int, device: torch.device, max_rows: int = 1):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        self.threads = threads
+        if not 1 <= max_rows <= single_row.MAX_ROWS:
+            raise ValueError(f"max_rows must be in [1, {single_row.MAX_ROWS}], got {max_rows}")
+        self.threads, self.max_rows = threads, max_rows
         cpu = device.type == "cpu"
         self.native = cpu and single_row.start(threads)
         self.blas = _openblas() if cpu and not self.native else None
@@ -102,10 +107,11 @@ class SingleRowGemv:
 
     @contextlib.contextmanager
     def step(self, num_rows: int) -> Iterator[None]:
-        """Runs the body (one forward of ``num_rows`` token rows) with the single-row
+        """Runs the body (one forward of ``num_rows`` token rows) with the few-row
         path on when it applies: torch on one thread, the library's pool (or
-        OpenBLAS) on ``threads``."""
-        if not (self.enabled and num_rows == 1):
+        OpenBLAS, one row only) on ``threads``."""
+        rows = self.max_rows if self.native else 1
+        if not (self.enabled and 1 <= num_rows <= rows):
             yield
             return
         if self.blas is not None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from engine import single_row
 from engine.attention import get_attention_backend
 from engine.config import EngineConfig
 from engine.cpu import configure_cpu_runtime, cpu_half_is_fast
@@ -116,7 +117,10 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv(model_cfg, num_blocks, block_size, torch_dtype)
         self.info = RuntimeInfo(dtype, num_blocks, block_size, max_len)
         self.graphs = self._decode_graphs(model_cfg, max_len)
-        self.gemv = SingleRowGemv(torch.get_num_threads(), self.device)
+        # few-row steps on the library's GEMM; MoE layers' expert matmuls stay on torch's
+        # threads, so their batched steps keep torch's path
+        rows = 1 if model_cfg.num_experts else single_row.MAX_ROWS
+        self.gemv = SingleRowGemv(torch.get_num_threads(), self.device, rows)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
         self.block_tables: dict[str, list[int]] = {}  # kept across steps (diffs)

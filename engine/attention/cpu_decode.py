@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from engine import native
+from engine import gemv, native, single_row
 from engine.attention import reference
 from engine.attention.reference import DecodePlan
 
@@ -88,7 +88,11 @@ def decode_attention(
         return int(lib.paged_decode(*ptrs, *shape, ctypes.c_float(scale)))
 
     threads = torch.get_num_threads()
-    if batch * plan.num_keys < SPLIT_KEYS or threads == 1:
+    pool = single_row.library() if gemv.active() else None
+    if pool is not None:  # a few-row step: the sequences split over the library's pool
+        shape = (tables.stride(0), batch, kvh, group, d, bs, nb)
+        codes = [int(pool.paged_decode_pool(*ptrs, *shape, ctypes.c_float(scale)))]
+    elif batch * plan.num_keys < SPLIT_KEYS or threads == 1:
         codes = [run(0, batch)]
     else:  # ctypes lets go of the GIL: the chunks run in parallel
         first, *rest = itertools.pairwise(batch * i // threads for i in range(threads + 1))

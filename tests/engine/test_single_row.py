@@ -24,23 +24,45 @@ PROMPT = list(range(3, 40))
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 8), (3, 5), (96, 64), (130, 200), (4096, 512)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 32])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_matches_torch(rows: int, cols: int, bias: bool) -> None:
+def test_linear_matches_torch(rows: int, cols: int, m: int, bias: bool) -> None:
     single_row.start(2)
-    w, x = torch.randn(rows, cols), torch.randn(1, cols)
+    w, x = torch.randn(rows, cols), torch.randn(m, cols)
     b = torch.randn(rows) if bias else None
-    got = single_row.gemv(x, w, b)
-    assert got is not None and got.shape == (1, rows)
+    got = single_row.linear(x, w, b)  # GEMV for one row, GEMM tiles of 4 x 3 and edges
+    assert got is not None and got.shape == (m, rows)
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-4, atol=1e-4)  # sum order
 
 
-def test_gemv_declines_what_it_does_not_serve() -> None:
+def test_linear_declines_what_it_does_not_serve() -> None:
     w, x = torch.randn(16, 8), torch.randn(1, 8)
-    assert single_row.gemv(x.bfloat16(), w.bfloat16(), None) is None
-    assert single_row.gemv(x, torch.randn(8, 16).t(), None) is None  # not contiguous
-    assert single_row.gemv(torch.randn(1, 9), w, None) is None  # widths differ
+    assert single_row.linear(x.bfloat16(), w.bfloat16(), None) is None
+    assert single_row.linear(x, torch.randn(8, 16).t(), None) is None  # not contiguous
+    assert single_row.linear(torch.randn(1, 9), w, None) is None  # widths differ
+    assert single_row.linear(torch.randn(single_row.MAX_ROWS + 1, 8), w, None) is None
+    assert single_row.linear(torch.randn(8), w, None) is None  # not rows
     with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
         single_row.start(0)
+
+
+def test_pooled_attention_matches_the_reference() -> None:
+    from engine.attention import cpu_decode, reference
+    from engine.gemv import SingleRowGemv
+
+    gen = torch.Generator().manual_seed(1)
+    k = torch.randn(40, 16, 2, 64, generator=gen)
+    v = torch.randn(40, 16, 2, 64, generator=gen)
+    q = torch.randn(5, 8, 64, generator=gen)
+    ctx = torch.tensor([1, 17, 40, 16, 100], dtype=torch.int32)
+    tables = torch.randperm(40, generator=gen)[:35].reshape(5, 7).to(torch.int32)
+    want = reference.decode_attention(q, k, v, ctx, tables, 0.125)
+    with SingleRowGemv(2, torch.device("cpu"), single_row.MAX_ROWS).step(5):
+        got = cpu_decode.decode_attention(q, k, v, ctx, tables, 0.125)
+        tables[4, 6] = 99  # outside the cache
+        with pytest.raises(ValueError, match="outside the cache"):
+            cpu_decode.decode_attention(q, k, v, ctx, tables, 0.125)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -157,3 +179,30 @@ def test_engine_tokens_and_logprobs_equal_the_torch_path(
         assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
     # every decode step of the fast run, none of the prefill or the library-less run
     assert calls.count(True) == (0 if name == "qwen3_moe" else 23)
+
+
+def test_batched_steps_equal_the_torch_path(family: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    name, llm = family
+    prompts = [PROMPT, PROMPT[:9], PROMPT[4:30]]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=1)
+        for n in (20, 12, 16)
+    ]
+    gemms: list[int] = []
+    linear = single_row.linear
+
+    def counted(x: torch.Tensor, *args: Any) -> Any:
+        out = linear(x, *args)
+        gemms.append(x.shape[0] if out is not None else 0)
+        return out
+
+    monkeypatch.setattr(single_row, "linear", counted)
+    fast = llm.generate(prompts, params)
+    monkeypatch.setattr(single_row, "library", lambda: None)
+    slow = llm.generate(prompts, params)
+    for a, b, p in zip(fast, slow, params, strict=True):
+        assert a.token_ids == b.token_ids and len(a.token_ids) == p.max_tokens
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+    # rows of 3, then 2 as the shortest finishes: the GEMM (MoE: torch's path throughout)
+    assert (name == "qwen3_moe") == (not any(r > 1 for r in gemms))
