@@ -31,7 +31,7 @@ from engine.kv_arena import ArenaInfo, MappedArena
 from kvtransfer.blocks import KVView, MoveIO, dtype_name
 from kvtransfer.doorbell import Listener
 from kvtransfer.layout import Move
-from kvtransfer.rows import RowRuns, copy_runs, rows_match
+from kvtransfer.rows import RowCopy, RowRuns, copy_runs, rows_match
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,9 @@ class ArenaWriters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._mapped: dict[str, tuple[MappedArena, KVView]] = {}
+        self._mapped: dict[str, _Mapped] = {}
 
-    def _map(self, ep: ArenaEndpoint, timeout_s: float) -> tuple[MappedArena, KVView]:
+    def _map(self, ep: ArenaEndpoint, timeout_s: float) -> _Mapped:
         with self._lock:
             if ep.key in self._mapped:
                 return self._mapped[ep.key]
@@ -99,9 +99,9 @@ class ArenaWriters:
             mapped = MappedArena(fds[0], ep.info)
         finally:
             os.close(fds[0])
-        entry = (mapped, KVView(mapped.caches, ep.layers, ep.kv_heads))
+        entry = _Mapped(mapped, KVView(mapped.caches, ep.layers, ep.kv_heads))
         with self._lock:  # unmap pools their owners retired since
-            self._mapped = {k: e for k, e in self._mapped.items() if e[0].live}
+            self._mapped = {k: e for k, e in self._mapped.items() if e.arena.live}
             self._mapped[ep.key] = entry
         return entry
 
@@ -123,15 +123,11 @@ class ArenaWriters:
             raise ConnectionError(f"KV arena {key} is not mapped here: write with its endpoint")
         return self._write(view, entry, moves, deadline)
 
-    def _write(
-        self, view: KVView, entry: tuple[MappedArena, KVView], moves: list[Move], deadline: float
-    ) -> int:
-        mapped, dst = entry
-        check_same_geometry(view, dst)
-        ios = [(MoveIO(view, m, "src"), MoveIO(dst, m, "dst")) for m in moves]
-        self._check_live(mapped)
-        written = sum(copy_move(src, out, deadline) for src, out in ios)
-        self._check_live(mapped)
+    def _write(self, view: KVView, entry: _Mapped, moves: list[Move], deadline: float) -> int:
+        check_same_geometry(view, entry.view)
+        self._check_live(entry.arena)
+        written = sum(entry.copy(view, m, deadline) for m in moves)
+        self._check_live(entry.arena)
         return written
 
     def _check_live(self, mapped: MappedArena) -> None:
@@ -148,6 +144,36 @@ class ArenaWriters:
         """Unmaps every arena."""
         with self._lock:
             self._mapped.clear()
+
+
+class _Mapped:
+    """A mapped destination pool, its view, and the row copies into it checked so far
+    (per source cache, layers and KV heads: a transfer then only computes its runs)."""
+
+    def __init__(self, arena: MappedArena, view: KVView):
+        self.arena, self.view = arena, view
+        self._copies: dict[tuple[int, range, range], RowCopy | None] = {}
+
+    def copy(self, src: KVView, move: Move, deadline: float) -> int:
+        """Copies ``move`` from ``src`` into this pool; returns the bytes copied."""
+        key = (src.caches[0][0].data_ptr(), move.layers, move.kv_heads)
+        if key not in self._copies:
+            # another source pool than before: the old one's copies would keep it alive
+            self._copies = {k: c for k, c in self._copies.items() if k[0] == key[0]}
+            s, d = MoveIO(src, move, "src"), MoveIO(self.view, move, "dst")
+            parts = zip(s.parts, d.parts, strict=True)
+            pairs = [pair for sp, dp in parts for pair in zip(sp, dp, strict=True)]
+            whole = all(rows_match(a, b) for a, b in pairs)
+            self._copies[key] = RowCopy(pairs) if whole else None
+        rows = self._copies[key]
+        if rows is None:  # parts that are not whole blocks: staged per layer
+            return copy_move(MoveIO(src, move, "src"), MoveIO(self.view, move, "dst"), deadline)
+        if len(set(move.dst_blocks)) != len(move.dst_blocks):
+            raise ValueError(f"dst_blocks repeat a block: {move.dst_blocks}")
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"KV copy passed its deadline ({len(move.src_blocks)} blocks)")
+        rows.run(RowRuns(move.src_blocks, move.dst_blocks))
+        return 2 * len(move.layers) * len(move.src_blocks) * src.block_bytes(move)
 
 
 def check_same_geometry(src: KVView, dst: KVView) -> None:

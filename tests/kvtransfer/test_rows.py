@@ -44,6 +44,28 @@ def test_copy_runs_equals_indexed_copy(
     assert all(torch.equal(dst, want) for (_, dst), want in zip(pairs, wants, strict=True))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_big_copy_split_between_threads_is_exact(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # over 1 MiB: the kernel's threads and streaming stores; rows of 8252 bytes, so
+    # neither their starts nor their lengths are multiples of the 32-byte stores
+    monkeypatch.setattr(rows, "COPY_THREADS", threads)
+    gen = torch.Generator().manual_seed(1)
+    src, dst = torch.randn(400, 2063, generator=gen), torch.zeros(500, 2063)
+    # a run of 50 rows (one range of 413 KB), then 100 scattered ones: 1.24 MB
+    s_rows = [*range(10, 60), *(r for r in torch.randperm(400, generator=gen).tolist() if r >= 60)]
+    d_rows = [
+        *range(100, 150),
+        *(r for r in torch.randperm(500, generator=gen).tolist() if r < 100),
+    ]
+    s_rows, d_rows = s_rows[:150], d_rows[:150]
+    want = dst.clone()
+    want[d_rows] = src[s_rows]
+    copy_runs([(src, dst)], RowRuns(s_rows, d_rows))
+    assert torch.equal(dst, want)
+
+
 def test_copy_runs_refuses_what_it_cannot_copy_safely() -> None:
     src, dst = torch.zeros(4, 8), torch.zeros(6, 8)
     with pytest.raises(
