@@ -100,10 +100,11 @@ class ModelRunner:
             self.model = CausalLM(
                 model_cfg, torch_dtype, self.pc, backend, max_len, layers=self.layers
             )
+        # CPU: weights on huge pages (a batch-1 step streams them all, see huge_pages),
+        # moved before loading (which copies in place) so they are in memory once
+        self.weight_arena = move_to_huge_pages(self.model) if self.device.type == "cpu" else None
         load_weights(self.model, model_cfg.model_type, config.model)
         self.model.eval()
-        # CPU: weights on huge pages (a batch-1 step streams them all, see huge_pages)
-        self.weight_arena = move_to_huge_pages(self.model) if self.device.type == "cpu" else None
         block_size = config.cache.block_size
         num_blocks = num_kv_blocks(
             model_cfg,

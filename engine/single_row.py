@@ -28,7 +28,10 @@ if TYPE_CHECKING:
     from engine.forward_batch import ForwardBatch
 
 SOURCE = Path(__file__).with_name("single_row.c")
-INCLUDES = (Path(__file__).parent / "attention" / "paged_decode.c",)
+INCLUDES = (
+    Path(__file__).parent / "attention" / "paged_decode.c",
+    Path(__file__).with_name("few_rows.c"),
+)
 SPIN_NS = 100_000
 MAX_ROWS = 32  # rows up to which the library's GEMM beats MKL's here (measured, 2 cores)
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
