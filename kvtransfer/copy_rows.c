@@ -3,8 +3,8 @@
  * the ranges do not overlap (two different pools). One foreign call instead of one
  * ctypes.memmove per range, and the GIL is let go for all of them.
  *
- * A move of at least BIG bytes is split between `threads` threads (each copies its
- * share of every range) and written with non-temporal stores: the destination is
+ * A move of at least BIG bytes is split between `threads` threads (each copies a
+ * contiguous share of the ranges laid end to end) and written with non-temporal stores: the destination is
  * another process's pool, read at its next decode step, not by this core. Measured
  * on this project's 2-core AVX2 machine, 8 MiB of scattered 16 KiB rows from a cold
  * pool: memcpy 7.0 GB/s, two threads 8.3, two threads with streaming stores 9.4. */
@@ -35,17 +35,21 @@ static void copy_stream(char *d, const char *s, size_t n) {
 }
 
 typedef struct {
-    int64_t n, part, parts;
+    int64_t n, lo, hi; /* this thread's bytes [lo, hi) of all ranges laid end to end */
     const int64_t *dst, *src, *len;
 } share;
 
-/* Bytes [len * part / parts, len * (part + 1) / parts) of every range. */
+/* The thread's slice of the ranges, end to end: whole ranges but for the two at its
+ * ends, so each thread streams long runs of bytes. */
 static void *copy_share(void *arg) {
     const share *a = arg;
-    for (int64_t i = 0; i < a->n; i++) {
-        const int64_t lo = a->len[i] * a->part / a->parts, hi = a->len[i] * (a->part + 1) / a->parts;
-        copy_stream((char *)(intptr_t)a->dst[i] + lo, (const char *)(intptr_t)a->src[i] + lo,
-                    (size_t)(hi - lo));
+    int64_t at = 0;
+    for (int64_t i = 0; i < a->n && at < a->hi; at += a->len[i], i++) {
+        const int64_t lo = a->lo > at ? a->lo - at : 0;
+        const int64_t hi = a->hi < at + a->len[i] ? a->hi - at : a->len[i];
+        if (lo < hi)
+            copy_stream((char *)(intptr_t)a->dst[i] + lo, (const char *)(intptr_t)a->src[i] + lo,
+                        (size_t)(hi - lo));
     }
     _mm_sfence(); /* streaming stores visible before the call returns */
     return NULL;
@@ -63,7 +67,8 @@ void copy_rows(int64_t n, const int64_t *dst, const int64_t *src, const int64_t 
     share shares[MAX_THREADS];
     pthread_t tid[MAX_THREADS];
     int started = 0;
-    for (int t = 0; t < threads; t++) shares[t] = (share){n, t, threads, dst, src, len};
+    for (int t = 0; t < threads; t++)
+        shares[t] = (share){n, total * t / threads, total * (t + 1) / threads, dst, src, len};
     for (int t = 1; t < threads; t++) {
         if (pthread_create(&tid[t], NULL, copy_share, &shares[t]) != 0) break;
         started = t;
