@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv_arena import ArenaInfo, MappedArena
-from kvtransfer.blocks import KVView, MoveIO, dtype_name
+from kvtransfer.blocks import KVView, MoveIO, check_dst_blocks, dtype_name
 from kvtransfer.doorbell import Listener
 from kvtransfer.layout import Move
 from kvtransfer.rows import RowCopy, RowRuns, copy_runs, rows_match
@@ -157,19 +157,20 @@ class _Mapped:
     def copy(self, src: KVView, move: Move, deadline: float) -> int:
         """Copies ``move`` from ``src`` into this pool; returns the bytes copied."""
         key = (src.caches[0][0].data_ptr(), move.layers, move.kv_heads)
+        staged: tuple[MoveIO, MoveIO] | None = None
         if key not in self._copies:
             # another source pool than before: the old one's copies would keep it alive
             self._copies = {k: c for k, c in self._copies.items() if k[0] == key[0]}
-            s, d = MoveIO(src, move, "src"), MoveIO(self.view, move, "dst")
-            parts = zip(s.parts, d.parts, strict=True)
+            staged = MoveIO(src, move, "src"), MoveIO(self.view, move, "dst")
+            parts = zip(staged[0].parts, staged[1].parts, strict=True)
             pairs = [pair for sp, dp in parts for pair in zip(sp, dp, strict=True)]
             whole = all(rows_match(a, b) for a, b in pairs)
             self._copies[key] = RowCopy(pairs) if whole else None
         rows = self._copies[key]
         if rows is None:  # parts that are not whole blocks: staged per layer
-            return copy_move(MoveIO(src, move, "src"), MoveIO(self.view, move, "dst"), deadline)
-        if len(set(move.dst_blocks)) != len(move.dst_blocks):
-            raise ValueError(f"dst_blocks repeat a block: {move.dst_blocks}")
+            staged = staged or (MoveIO(src, move, "src"), MoveIO(self.view, move, "dst"))
+            return copy_move(*staged, deadline)
+        check_dst_blocks(move)
         if time.perf_counter() > deadline:
             raise TimeoutError(f"KV copy passed its deadline ({len(move.src_blocks)} blocks)")
         rows.run(RowRuns(move.src_blocks, move.dst_blocks))

@@ -172,6 +172,12 @@ def _wide(t: Tensor) -> Tensor:
     return t
 
 
+def check_dst_blocks(move: Move) -> None:
+    """ValueError when ``move`` writes a destination block twice."""
+    if len(set(move.dst_blocks)) != len(move.dst_blocks):
+        raise ValueError(f"dst_blocks repeat a block: {move.dst_blocks}")
+
+
 class MoveIO:
     """One move resolved against one view, checked once: its K and V per layer (only
     the move's heads) and its source (``side="src"``) or destination block index."""
@@ -180,8 +186,8 @@ class MoveIO:
         if side not in ("src", "dst"):
             raise ValueError(f"side must be 'src' or 'dst', got {side!r}")
         blocks = move.src_blocks if side == "src" else move.dst_blocks
-        if side == "dst" and len(set(blocks)) != len(blocks):
-            raise ValueError(f"dst_blocks repeat a block: {blocks}")
+        if side == "dst":
+            check_dst_blocks(move)
         self.view, self.move, self.blocks = view, move, blocks
         self.index = block_index(blocks, view.num_blocks, view.device)
         self.parts = [
