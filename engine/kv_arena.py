@@ -17,6 +17,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 HEADER_BYTES = 64
@@ -119,8 +120,10 @@ class MappedArena:
         # The mmap must outlive every tensor over it; it is unmapped when both are gone.
         self._mmap, self.buffer = _map_populated(fd, info.nbytes)
         self.caches = _caches(self.buffer, info)
+        # read twice per transfer: a numpy scalar read is ~20x cheaper than torch's
+        self._header = np.frombuffer(self._mmap, dtype=np.int64, count=1)
 
     @property
     def live(self) -> bool:
         """False once the owner retired the pool."""
-        return int(self.buffer[:8].view(torch.int64)[0]) == LIVE
+        return int(self._header[0]) == LIVE

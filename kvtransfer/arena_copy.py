@@ -31,7 +31,7 @@ from engine.kv_arena import ArenaInfo, MappedArena
 from kvtransfer.blocks import KVView, MoveIO, check_dst_blocks, dtype_name
 from kvtransfer.doorbell import Listener
 from kvtransfer.layout import Move
-from kvtransfer.rows import RowCopy, RowRuns, copy_runs, rows_match
+from kvtransfer.rows import RowCopy, copy_runs, rows_match
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ class _Mapped:
         check_dst_blocks(move)
         if time.perf_counter() > deadline:
             raise TimeoutError(f"KV copy passed its deadline ({len(move.src_blocks)} blocks)")
-        rows.run(RowRuns(move.src_blocks, move.dst_blocks))
+        rows.run(move.src_blocks, move.dst_blocks)
         return 2 * len(move.layers) * len(move.src_blocks) * src.block_bytes(move)
 
 
@@ -201,7 +201,6 @@ def copy_move(src: MoveIO, dst: MoveIO, deadline: float) -> int:
     indexed tensors); returns the bytes copied. TimeoutError when ``deadline``
     (perf_counter) passes between layers."""
     n, first = len(src.index), _rows(src.parts[0][0])
-    runs = RowRuns(src.blocks, dst.blocks)
     stage: torch.Tensor | None = None
     rows: list[tuple[torch.Tensor, torch.Tensor]] = []
     for (sk, sv), (dk, dv) in zip(src.parts, dst.parts, strict=True):
@@ -216,5 +215,5 @@ def copy_move(src: MoveIO, dst: MoveIO, deadline: float) -> int:
             s, d = _rows(s), _rows(d)
             torch.index_select(s, 0, src.index, out=stage.view(n, *s.shape[1:]))
             d.index_copy_(0, dst.index, stage.view(n, *d.shape[1:]))
-    copy_runs(rows, runs)
+    copy_runs(rows, src.blocks, dst.blocks)
     return src.nbytes(src.whole())

@@ -8,10 +8,11 @@ where torch has no indexed copy between two indexed tensors and needs a staging 
 (a gather, then a scatter). Measured here between two caches (``small`` preset rows of
 16 KiB, fp32, random blocks, runs interleaved): 6-15% faster than the staged copy from
 512 to 8k tokens. One-sided gathers and scatters stay on torch's index kernels, which
-measured faster than a memmove per row. The memmoves of a whole move go to a C kernel
-(``copy_rows.c``) in one call: one ctypes call per row cost ~1 us each, 0.5 ms of a
-512-token transfer's ~3 ms. From 1 MiB up the kernel splits the copy between two
-threads and writes with non-temporal stores."""
+measured faster than a memmove per row. A whole move goes to a C kernel
+(``copy_rows.c``) in one call, block lists included: one ctypes call per row cost ~1 us
+each, 0.5 ms of a 512-token transfer's ~3 ms, and grouping the runs in Python and numpy
+another ~30 us (several times that on a core just woken from idle). From 1 MiB up the
+kernel shares the copy between two threads and writes with non-temporal stores."""
 
 from __future__ import annotations
 
@@ -30,22 +31,16 @@ from engine import native
 COPY_THREADS = min(2, os.cpu_count() or 1)
 
 
-class RowRuns:
-    """Rows ``src[i] -> dst[i]`` as ``(src_row, dst_row, count)`` runs, grouping rows
-    consecutive on both sides, with the rows each side needs (for the bounds check)."""
-
-    def __init__(self, src: Sequence[int], dst: Sequence[int]):
-        runs: list[list[int]] = []
-        for a, b in zip(src, dst, strict=True):
-            if a < 0 or b < 0:
-                raise ValueError(f"negative row in {a} -> {b}")
-            if runs and runs[-1][0] + runs[-1][2] == a and runs[-1][1] + runs[-1][2] == b:
-                runs[-1][2] += 1
-            else:
-                runs.append([a, b, 1])
-        self.runs = [(a, b, n) for a, b, n in runs]
-        self.src_rows = max((a + n for a, _, n in self.runs), default=0)
-        self.dst_rows = max((b + n for _, b, n in self.runs), default=0)
+def row_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Rows ``src[i] -> dst[i]`` as ``(src_row, dst_row, count)`` runs of rows
+    consecutive on both sides."""
+    runs: list[list[int]] = []
+    for a, b in zip(src, dst, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == a and runs[-1][1] + runs[-1][2] == b:
+            runs[-1][2] += 1
+        else:
+            runs.append([a, b, 1])
+    return [(a, b, n) for a, b, n in runs]
 
 
 def rows_match(src: Tensor, dst: Tensor) -> bool:
@@ -64,14 +59,17 @@ def rows_match(src: Tensor, dst: Tensor) -> bool:
 def _kernel() -> ctypes.CDLL | None:
     lib = native.load(Path(__file__).with_name("copy_rows.c"))
     if lib is not None:
-        lib.copy_rows.restype = None
-        lib.copy_rows.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_int]
+        lib.copy_blocks.restype = ctypes.c_int
+        lib.copy_blocks.argtypes = [
+            ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int,
+        ]  # fmt: skip
     return lib
 
 
 class RowCopy:
     """Row copies between fixed ``(src, dst)`` tensor pairs, checked once (a transfer
-    path reuses one per cache pair and only :meth:`run` s new runs): ValueError when a
+    path reuses one per cache pair and only :meth:`run` s new rows): ValueError when a
     pair does not :func:`rows_match`."""
 
     def __init__(self, pairs: Sequence[tuple[Tensor, Tensor]]):
@@ -92,31 +90,36 @@ class RowCopy:
             min((d.shape[0] for _, d in pairs), default=0),
         )
 
-    def run(self, runs: RowRuns) -> None:
-        """Copies rows ``src[a : a + n]`` to ``dst[b : b + n]`` for each run of ``runs``,
-        for each pair. ValueError when the runs need more rows than a tensor has
-        (checked before any byte moves: the copy is raw memory). All ranges go to the
-        C kernel in one call where it is built (``engine.native``), else one
-        ``ctypes.memmove`` each."""
-        if not self.pairs or not runs.runs:
+    def run(self, src_rows: Sequence[int], dst_rows: Sequence[int]) -> None:
+        """Copies row ``src_rows[i]`` to row ``dst_rows[i]`` for each ``i``, for each pair.
+        ValueError when a row is negative or past a tensor's end (checked before any
+        byte moves: the copy is raw memory). The C kernel (``engine.native``) groups
+        rows consecutive on both sides and copies all pairs in one call; where it is not
+        built, one ``ctypes.memmove`` per run of rows."""
+        if len(src_rows) != len(dst_rows):
+            raise ValueError(f"{len(src_rows)} source rows for {len(dst_rows)} destination rows")
+        if not self.pairs or not src_rows:
             return
-        if runs.src_rows > self.rows[0] or runs.dst_rows > self.rows[1]:
-            raise ValueError(
-                f"row runs need {runs.src_rows} source / {runs.dst_rows} destination rows, "
-                f"the tensors have {self.rows[0]} / {self.rows[1]}"
-            )
-        a, b, n = np.array(runs.runs, dtype=np.int64).T
-        sides, row = self.sides, self.sides[:, 2:3]
-        src_at, dst_at, sizes = sides[:, 0:1] + a * row, sides[:, 1:2] + b * row, n * row
+        sides = (("source", src_rows, self.rows[0]), ("destination", dst_rows, self.rows[1]))
+        for side, rows, limit in sides:
+            if min(rows) < 0 or max(rows) >= limit:
+                raise ValueError(
+                    f"{side} rows {min(rows)}..{max(rows)} outside the tensors' {limit} rows"
+                )
         lib = _kernel()
         if lib is None:
-            for d, s, k in zip(dst_at.flat, src_at.flat, sizes.flat, strict=True):
-                ctypes.memmove(int(d), int(s), int(k))
+            for a, b, n in row_runs(src_rows, dst_rows):
+                for s, d, row in self.sides.tolist():
+                    ctypes.memmove(d + b * row, s + a * row, n * row)
             return
-        flat = [np.ascontiguousarray(x, dtype=np.int64).ravel() for x in (dst_at, src_at, sizes)]
-        lib.copy_rows(flat[0].size, *(x.ctypes.data for x in flat), COPY_THREADS)
+        src, dst = (np.asarray(r, dtype=np.int64) for r in (src_rows, dst_rows))
+        n, at = src.size, self.sides.ctypes.data
+        if lib.copy_blocks(len(self.pairs), at, n, src.ctypes.data, dst.ctypes.data, COPY_THREADS):
+            raise MemoryError(f"row copy of {src.size} rows x {len(self.pairs)} pairs")
 
 
-def copy_runs(pairs: Sequence[tuple[Tensor, Tensor]], runs: RowRuns) -> None:
-    """:meth:`RowCopy.run` of ``runs`` over ``pairs``, checked as there."""
-    RowCopy(pairs).run(runs)
+def copy_runs(
+    pairs: Sequence[tuple[Tensor, Tensor]], src_rows: Sequence[int], dst_rows: Sequence[int]
+) -> None:
+    """:meth:`RowCopy.run` of ``src_rows -> dst_rows`` over ``pairs``, checked as there."""
+    RowCopy(pairs).run(src_rows, dst_rows)
