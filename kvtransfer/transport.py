@@ -15,9 +15,10 @@ drop theirs), so the next transfer starts on fresh ones.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,14 +102,49 @@ class Transport(ABC):
             return TransferStats(0, 0.0)
         pairs = group_moves(moves)
         expected = sum(m.num_bytes(shape) for m in moves)
+        what = f"{self.name} transfer {request_id!r} ({expected} bytes, {len(pairs)} pairs)"
         start = time.perf_counter()
         deadline = start + timeout_s
-        tasks = [
-            asyncio.ensure_future(
-                self._locked_pair(request_id, pm, src_workers[s], dst_workers[d], deadline)
-            )
+        calls = [
+            self._locked_pair(request_id, pm, src_workers[s], dst_workers[d], deadline)
             for (s, d), pm in pairs.items()
         ]
+        if len(calls) == 1:  # the common case: awaited in this task, no task hops
+            written = await self._one(calls[0], what, timeout_s, deadline)
+        else:
+            written = await self._all(calls, what, timeout_s)
+        if written != expected:
+            raise TransferError(
+                f"{self.name} transfer {request_id!r}: destinations wrote {written} bytes, "
+                f"the plan has {expected} (KVShape disagrees with the workers' caches)"
+            )
+        return TransferStats(expected, time.perf_counter() - start)
+
+    async def _one(
+        self, call: Coroutine[Any, Any, int], what: str, timeout_s: float, deadline: float
+    ) -> int:
+        """Awaits one pair's ``call``: as :meth:`_all` does, a result past the deadline
+        is a timeout, and a worker still running then is given ``grace_s`` to stop by
+        itself (it has the same deadline) before it is given up on."""
+        try:
+            if sys.version_info >= (3, 11):
+                async with asyncio.timeout(timeout_s + self.grace_s):
+                    written = await call
+            else:
+                try:
+                    written = await asyncio.wait_for(call, timeout_s + self.grace_s)
+                except asyncio.TimeoutError:
+                    raise TimeoutError() from None
+        except Exception as e:
+            raise _failure(what, timeout_s, [e]) from e
+        if time.perf_counter() > deadline:
+            raise _failure(what, timeout_s, [])
+        return written
+
+    async def _all(self, calls: list[Coroutine[Any, Any, int]], what: str, timeout_s: float) -> int:
+        """Runs the pairs' ``calls`` at once; their total written bytes. On a failure or
+        timeout, waits (a little) for the other pairs to stop, then raises."""
+        tasks = [asyncio.ensure_future(c) for c in calls]
         try:
             done, pending = await asyncio.wait(
                 tasks, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION
@@ -121,18 +157,8 @@ class Transport(ABC):
             # Workers stop by themselves at the deadline: wait for them (a little) so
             # that no straggler writes into blocks after we report the failure.
             await _settle(tasks, self.grace_s)
-            what = f"{self.name} transfer {request_id!r} ({expected} bytes, {len(pairs)} pairs)"
-            if not errors or any(isinstance(e, TimeoutError) for e in errors):
-                cause = next((_cause(e) for e in errors), "")
-                raise TimeoutError(f"{what} did not finish within {timeout_s:.3g}s {cause}")
-            raise TransferError(f"{what} failed: {_cause(errors[0])}") from errors[0]
-        written = sum(t.result() for t in tasks)
-        if written != expected:
-            raise TransferError(
-                f"{self.name} transfer {request_id!r}: destinations wrote {written} bytes, "
-                f"the plan has {expected} (KVShape disagrees with the workers' caches)"
-            )
-        return TransferStats(expected, time.perf_counter() - start)
+            raise _failure(what, timeout_s, errors) from (errors[0] if errors else None)
+        return sum(t.result() for t in tasks)
 
     async def _locked_pair(
         self,
@@ -195,6 +221,15 @@ async def both_ends(src_ref: Any, dst_ref: Any, wait_s: float = 1.0) -> int:
     dst.cancel()
     await src  # failed (else dst would be done): raises its error
     raise RuntimeError("unreachable")
+
+
+def _failure(what: str, timeout_s: float, errors: Sequence[BaseException]) -> Exception:
+    """The error a failed transfer raises: TimeoutError when it ran out of time (or a
+    worker did), else TransferError naming the first worker error."""
+    if not errors or any(isinstance(e, TimeoutError) for e in errors):
+        cause = next((_cause(e) for e in errors), "")
+        return TimeoutError(f"{what} did not finish within {timeout_s:.3g}s {cause}")
+    return TransferError(f"{what} failed: {_cause(errors[0])}")
 
 
 async def _settle(tasks: Sequence[asyncio.Future[int]], grace_s: float) -> None:
