@@ -1,6 +1,7 @@
 """KV transfer benchmark: each transport against the raw floor of its path, same run.
 
-Run: ``python -m bench.kvtransfer [--tokens 512,2048,8192] [--repeats 5]``.
+Run: ``python -m bench.kvtransfer [--tokens 512,2048,8192] [--repeats 5]
+[--transports grpc,local]``.
 Moves the KV of one prompt (``small`` preset geometry, the engine's CPU dtype) from one
 Ray actor to another (TP1 -> TP1, blocks scattered at random in both caches) with every
 transport, and measures in the same run, between the same two processes, the floor of
@@ -8,7 +9,8 @@ its path: a plain TCP socket stream of the same bytes on loopback (grpc, gloo) a
 plain memcpy of the same bytes (local: straight into the destination's shared pool,
 and through the two-copy ring for comparison). It also streams the same bytes through
 the gRPC library alone (no KV plan, gather or scatter: the ceiling of any gRPC
-transport on this machine), held against the socket too. Transfer times are end to end
+transport on this machine; with the copies a KV transport makes, and with none), held
+against the socket too (``bench/kv_floors.py``). Transfer times are end to end
 at the driver (actor calls included); floors are timed inside the workers (pure data
 path). Each figure is the median of ``--repeats`` runs, interleaved. Also prints the
 transfer time as a share of the prompt's TTFT (prefill of the real engine,
@@ -22,7 +24,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -30,13 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
 from bench.engine_workers import RESULTS, model_dir
+from bench.kv_floors import BenchHolder
 from kvtransfer.layout import KVShape, Move
-from kvtransfer.testing import KVHolder
 from kvtransfer.transport import make_transport
 from kvtransfer.worker import remote_class
 
@@ -48,107 +47,20 @@ TRANSPORTS: list[tuple[str, str, dict[str, Any], str, float]] = [
     ("local/ring", "local", {"direct": False}, "memcpy", 0.0),
     ("local/object-store", "local", {"via": "object_store"}, "memcpy", 0.0),
 ]
-CHUNK = 4 << 20
 # The gRPC library alone streaming the same bytes between the same processes (no KV
-# plan, gather or scatter): what any gRPC transport here could reach, timed in the worker.
+# plan, gather or scatter): what any gRPC transport here could reach, timed in the
+# worker; with the copies any KV transport makes (out of the cache, into the other),
+# and without any (messages built beforehand, dropped on arrival).
 BARE = "grpc (library alone)"
+BARE_NO_COPIES = "grpc (lib, no copies)"
+FLOORS: list[tuple[str, str, dict[str, Any], str, float]] = [
+    (BARE, "", {}, "socket", 0.0),
+    (BARE_NO_COPIES, "", {}, "socket", 0.0),
+]
 WARMUP = 2
 # As recommended for engine workers: without it each of the first ~16 gRPC pulls of a
 # worker warms a new malloc arena (the client's per-call thread) and runs ~2x slower.
 WORKER_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
-
-
-class BenchHolder(KVHolder):
-    """KV holder that also measures the raw floors of its process pair."""
-
-    def socket_open(self) -> int:
-        """Listens on a loopback port for ``socket_send``; returns the port."""
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        return int(self._listener.getsockname()[1])
-
-    def socket_send(self, port: int, nbytes: int) -> None:
-        """Streams ``nbytes`` (a warm buffer) to ``port`` in 4 MiB writes."""
-        data = torch.ones(nbytes, dtype=torch.uint8).numpy().data
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            for off in range(0, nbytes, CHUNK):
-                s.sendall(data[off : off + CHUNK])
-
-    def socket_recv(self, nbytes: int) -> float:
-        """Receives ``socket_send``'s stream into a warm buffer; seconds from the
-        connection to the last byte."""
-        buf = torch.zeros(nbytes, dtype=torch.uint8).numpy().data
-        conn, _ = self._listener.accept()
-        start, got = time.perf_counter(), 0
-        with conn:
-            while got < nbytes:
-                got += conn.recv_into(buf[got:], min(CHUNK, nbytes - got))
-        self._listener.close()
-        return time.perf_counter() - start
-
-    def grpc_bare_address(self) -> str:
-        """Starts (once) a gRPC server that streams ``nbytes`` of a warm buffer in 4 MiB
-        messages, with the KV server's options but no cache to read; returns its address."""
-        if getattr(self, "_bare", None) is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            import grpc
-
-            from kvtransfer.grpc_transport import OPTIONS
-
-            data = torch.ones(256 << 20, dtype=torch.uint8).numpy().data
-
-            def stream(request: bytes, context: Any) -> Any:
-                n = int(request)
-                for off in range(0, n, CHUNK):
-                    yield bytes(data[off : min(n, off + CHUNK)])
-
-            server = grpc.server(ThreadPoolExecutor(2), options=OPTIONS)
-            handler = grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=bytes, response_serializer=bytes
-            )
-            server.add_generic_rpc_handlers(
-                (grpc.method_handlers_generic_handler("bench.Bare", {"Pull": handler}),)
-            )
-            port = server.add_insecure_port("127.0.0.1:0")
-            server.start()
-            self._bare = (server, f"127.0.0.1:{port}")
-        return str(self._bare[1])
-
-    def grpc_bare_pull(self, address: str, nbytes: int) -> float:
-        """Pulls ``nbytes`` from ``grpc_bare_address``'s server into a warm buffer;
-        seconds of the call (the gRPC library alone: no plan, gather or scatter)."""
-        import grpc
-
-        from kvtransfer.grpc_transport import OPTIONS
-
-        if nbytes > 256 << 20:
-            raise ValueError(f"the bare gRPC floor streams at most 256 MiB, got {nbytes}")
-        if getattr(self, "_bare_channel", None) is None:
-            self._bare_channel = grpc.insecure_channel(address, options=OPTIONS)
-        call = self._bare_channel.unary_stream(
-            "/bench.Bare/Pull", request_serializer=bytes, response_deserializer=bytes
-        )
-        buf = torch.zeros(nbytes, dtype=torch.uint8).numpy()
-        start, got = time.perf_counter(), 0
-        for msg in call(str(nbytes).encode()):
-            view = np.frombuffer(msg, dtype=np.uint8)
-            buf[got : got + view.size] = view
-            got += view.size
-        seconds = time.perf_counter() - start
-        if got != nbytes:
-            raise ValueError(f"bare gRPC stream: expected {nbytes} bytes, got {got}")
-        return seconds
-
-    def memcpy_seconds(self, nbytes: int) -> float:
-        """Seconds of one copy of ``nbytes`` between two warm buffers (best of 3)."""
-        src = torch.ones(nbytes, dtype=torch.uint8)
-        dst = torch.zeros(nbytes, dtype=torch.uint8)
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            dst.copy_(src)
-            best = min(best, time.perf_counter() - t)
-        return best
 
 
 def engine_dtype(path: Path) -> str:
@@ -218,10 +130,20 @@ async def floor_socket(src: Any, dst: Any, nbytes: int) -> float:
 
 
 async def measure_transfers(
-    shape: KVShape, tokens: list[int], repeats: int, src: Any, dst: Any, num_blocks: int
+    shape: KVShape,
+    tokens: list[int],
+    repeats: int,
+    src: Any,
+    dst: Any,
+    num_blocks: int,
+    labels: list[str],
 ) -> dict[int, dict[str, list[float]]]:
-    """Seconds per repeat: each transport and each floor, interleaved."""
-    transports = {label: make_transport(name, **opts) for label, name, opts, _, _ in TRANSPORTS}
+    """Seconds per repeat: each transport of ``labels`` and each floor, interleaved."""
+    transports = {
+        label: make_transport(name, **opts)
+        for label, name, opts, _, _ in TRANSPORTS
+        if label in labels
+    }
     rng = random.Random(1)
     bare = await src.grpc_bare_address.remote()
     out: dict[int, dict[str, list[float]]] = {}
@@ -237,7 +159,7 @@ async def measure_transfers(
             tuple(rng.sample(range(num_blocks), blocks)),
         )
         nbytes = move.num_bytes(shape)
-        keys = [*transports, "socket", "memcpy", "calls", BARE]
+        keys = [*transports, "socket", "memcpy", "calls", BARE, BARE_NO_COPIES]
         times: dict[str, list[float]] = {k: [] for k in keys}
         for r in range(WARMUP + repeats):  # warm-up: channels, buffers, malloc arenas
             for label, t in transports.items():
@@ -246,6 +168,9 @@ async def measure_transfers(
             times["socket"].append(await floor_socket(src, dst, nbytes))
             times["memcpy"].append(float(await dst.memcpy_seconds.remote(nbytes)))
             times[BARE].append(float(await dst.grpc_bare_pull.remote(bare, nbytes)))
+            times[BARE_NO_COPIES].append(
+                float(await dst.grpc_bare_pull.remote(bare, nbytes, False))
+            )
             t0 = time.perf_counter()  # the fixed cost: one empty call on each actor
             await asyncio.gather(src.pid.remote(), dst.pid.remote())
             times["calls"].append(time.perf_counter() - t0)
@@ -267,7 +192,9 @@ def summarize(
         )
         med = {k: statistics.median(v) for k, v in by.items()}
         row: dict[str, Any] = {"bytes": nbytes, "ttft_s": ttft.get(n), "calls_s": med["calls"]}
-        for label, _, _, floor, target in [*TRANSPORTS, (BARE, "", {}, "socket", 0.0)]:
+        for label, _, _, floor, target in [*TRANSPORTS, *FLOORS]:
+            if label not in med:  # a transport left out (--transports)
+                continue
             s = med[label]
             row[label] = {
                 "seconds": s,
@@ -311,7 +238,8 @@ def plot(rows: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [*(t[0] for t in TRANSPORTS), BARE]
+    first = next(iter(rows.values()))
+    labels = [t[0] for t in [*TRANSPORTS, *FLOORS] if t[0] in first]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
@@ -332,8 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttft-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="engine threads for the TTFT")
     p.add_argument("--no-ttft", action="store_true", help="skip the engine's TTFT")
+    names = ",".join(t[0] for t in TRANSPORTS)
+    p.add_argument("--transports", default=names, help=f"which of {names} (floors: always)")
     args = p.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
+    labels = args.transports.split(",")
+    if unknown := set(labels) - {t[0] for t in TRANSPORTS}:
+        p.error(f"unknown transports {sorted(unknown)}; choose from {names}")
     path = model_dir("llama", "small")
     shape = kv_shape(path)
     ttft: dict[int, float] = {}
@@ -356,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     # The destination's pool is shared, as a decode worker's is under the local transport.
     src = actor.remote(layers, heads, *geo, seed=0)
     dst = actor.remote(layers, heads, *geo, seed=1, shared=True)
-    times = asyncio.run(measure_transfers(shape, tokens, args.repeats, src, dst, num_blocks))
+    times = asyncio.run(
+        measure_transfers(shape, tokens, args.repeats, src, dst, num_blocks, labels)
+    )
     ray.shutdown()
     rows = summarize(shape, times, ttft)
     print_table(shape, rows)

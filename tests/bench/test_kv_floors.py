@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from bench.kvtransfer import BenchHolder
+from bench.kv_floors import BenchHolder
 
 
 def test_floors_move_their_bytes() -> None:
@@ -17,6 +17,7 @@ def test_floors_move_their_bytes() -> None:
         address = holder.grpc_bare_address()
         assert holder.grpc_bare_address() == address  # one server per holder
         assert holder.grpc_bare_pull(address, nbytes) > 0
+        assert holder.grpc_bare_pull(address, nbytes, copies=False) > 0
         with pytest.raises(ValueError, match="at most 256 MiB"):
             holder.grpc_bare_pull(address, (256 << 20) + 1)
         port = holder.socket_open()
