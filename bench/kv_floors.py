@@ -1,8 +1,9 @@
 """The raw floors ``bench/kvtransfer.py`` holds each KV transport against, measured
 between the same two Ray actors as the transfers (timed inside the workers: pure data
-path, no actor call): a plain TCP stream of the same bytes on loopback, a plain memcpy,
-and the gRPC library alone streaming the same bytes (the ceiling of any gRPC transport
-on this machine), with and without the copies a KV transport has to make."""
+path, no actor call): a plain TCP stream of the same bytes on loopback, a plain memcpy
+(warm, and from cold caches), and the gRPC library alone streaming the same bytes (the
+ceiling of any gRPC transport on this machine), with and without the copies a KV
+transport has to make."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from kvtransfer.testing import KVHolder
 
 CHUNK = 4 << 20  # bytes per socket write / gRPC message, as the gRPC KV transport's
 BARE_MAX = 256 << 20  # what the bare gRPC server can stream
+EVICT = 64 << 20  # bytes written to evict the caches (twice this machine's 32 MB L3)
 
 
 class BenchHolder(KVHolder):
@@ -106,12 +108,16 @@ class BenchHolder(KVHolder):
             raise ValueError(f"bare gRPC stream: expected {nbytes} bytes, got {got}")
         return seconds
 
-    def memcpy_seconds(self, nbytes: int) -> float:
-        """Seconds of one copy of ``nbytes`` between two warm buffers (best of 3)."""
+    def memcpy_seconds(self, nbytes: int, cold: bool = False) -> float:
+        """Seconds of one copy of ``nbytes`` between two warm buffers (best of 3); with
+        ``cold``, each copy first has the caches evicted (64 MiB written elsewhere), as
+        a transfer's source blocks are when they were written a while ago."""
         src = torch.ones(nbytes, dtype=torch.uint8)
         dst = torch.zeros(nbytes, dtype=torch.uint8)
+        evict = torch.zeros(EVICT if cold else 0, dtype=torch.uint8)
         best = float("inf")
         for _ in range(3):
+            evict.add_(1)
             t = time.perf_counter()
             dst.copy_(src)
             best = min(best, time.perf_counter() - t)

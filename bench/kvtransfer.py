@@ -7,7 +7,8 @@ Ray actor to another (TP1 -> TP1, blocks scattered at random in both caches) wit
 transport, and measures in the same run, between the same two processes, the floor of
 its path: a plain TCP socket stream of the same bytes on loopback (grpc, gloo) and a
 plain memcpy of the same bytes (local: straight into the destination's shared pool,
-and through the two-copy ring for comparison). It also streams the same bytes through
+and through the two-copy ring for comparison; the same memcpy from cold caches is
+shown too, held against the warm one). It also streams the same bytes through
 the gRPC library alone (no KV plan, gather or scatter: the ceiling of any gRPC
 transport on this machine; with the copies a KV transport makes, and with none), held
 against the socket too (``bench/kv_floors.py``). Transfer times are end to end
@@ -53,9 +54,13 @@ TRANSPORTS: list[tuple[str, str, dict[str, Any], str, float]] = [
 # and without any (messages built beforehand, dropped on arrival).
 BARE = "grpc (library alone)"
 BARE_NO_COPIES = "grpc (lib, no copies)"
+# The same memcpy with the caches evicted first: the state of the transfers' source
+# blocks here (written at start, read by the other transports and floors since).
+MEMCPY_COLD = "memcpy (cold caches)"
 FLOORS: list[tuple[str, str, dict[str, Any], str, float]] = [
     (BARE, "", {}, "socket", 0.0),
     (BARE_NO_COPIES, "", {}, "socket", 0.0),
+    (MEMCPY_COLD, "", {}, "memcpy", 0.0),
 ]
 WARMUP = 2
 # As recommended for engine workers: without it each of the first ~16 gRPC pulls of a
@@ -159,7 +164,7 @@ async def measure_transfers(
             tuple(rng.sample(range(num_blocks), blocks)),
         )
         nbytes = move.num_bytes(shape)
-        keys = [*transports, "socket", "memcpy", "calls", BARE, BARE_NO_COPIES]
+        keys = [*transports, "socket", "memcpy", "calls", BARE, BARE_NO_COPIES, MEMCPY_COLD]
         times: dict[str, list[float]] = {k: [] for k in keys}
         for r in range(WARMUP + repeats):  # warm-up: channels, buffers, malloc arenas
             for label, t in transports.items():
@@ -167,6 +172,7 @@ async def measure_transfers(
                 times[label].append(stats.seconds)
             times["socket"].append(await floor_socket(src, dst, nbytes))
             times["memcpy"].append(float(await dst.memcpy_seconds.remote(nbytes)))
+            times[MEMCPY_COLD].append(float(await dst.memcpy_seconds.remote(nbytes, True)))
             times[BARE].append(float(await dst.grpc_bare_pull.remote(bare, nbytes)))
             times[BARE_NO_COPIES].append(
                 float(await dst.grpc_bare_pull.remote(bare, nbytes, False))

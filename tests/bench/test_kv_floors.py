@@ -26,6 +26,7 @@ def test_floors_move_their_bytes() -> None:
         assert holder.socket_recv(nbytes) > 0  # returns only once all bytes arrived
         sender.join()
         assert holder.memcpy_seconds(1 << 20) > 0
+        assert holder.memcpy_seconds(1 << 20, cold=True) > 0
     finally:
         holder.close_transports()
         holder._bare[0].stop(None)
