@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -192,15 +193,20 @@ class Worker(KVTransferMixin):
             raise RuntimeError("load_model() must run before execute/free/stats")
         return self.runner
 
-    def execute(self, steps: list[SeqStep], num_microbatches: int = 1) -> SamplerOutput | None:
+    def execute(
+        self, steps: list[SeqStep], num_microbatches: int = 1, freed: Sequence[str] = ()
+    ) -> SamplerOutput | None:
         """Runs one step's forward on this rank; collective: every rank gets the same
         ``steps``. Rank 0 samples and returns the tokens; other ranks return None. A
         rank that never enters makes the others fail after the group's timeout.
+        ``freed``: requests finished since the last step, forgotten first (as ``free``).
 
         With several pipeline stages the step is cut into ``num_microbatches`` (the
         same cut on every rank) that flow through the stages; the last stage's TP rank
         0 samples and returns the tokens in the order of ``steps``."""
         runner = self._require_runner()
+        if freed:
+            runner.free(list(freed))
         self.num_steps += 1
         if self.stage.pp_size > 1:
             microbatches = split_microbatches(steps, num_microbatches)
@@ -224,8 +230,9 @@ class Worker(KVTransferMixin):
         self._require_runner().free(request_ids)
 
     def stats(self) -> dict[str, Any]:
-        """Counters since load (local): steps run, collectives entered, this stage's
-        layers and KV pool (blocks, bytes per block), pipeline busy/wall seconds, and
+        """Counters since load (local): steps run, requests whose state it holds,
+        collectives entered, this stage's layers and KV pool (blocks, bytes per block),
+        pipeline busy/wall seconds, and
         tokens routed to each expert (summed over MoE layers; empty for dense models)."""
         runner = self._require_runner()
         cfg = runner.model.config
@@ -253,6 +260,7 @@ class Worker(KVTransferMixin):
             "kv_block_bytes": sum(k.numel() * k.element_size() * 2 for k, _ in runner.kv_caches)
             // max(1, runner.info.num_blocks),
             "num_steps": self.num_steps,
+            "num_requests": len(runner.block_tables),  # per-request state held here
             "num_all_reduces": self.pc.num_all_reduces,
             "num_all_gathers": self.pc.num_all_gathers,
             "num_blocks": runner.info.num_blocks,

@@ -105,6 +105,23 @@ def test_collectives_per_step(checkpoints: dict[str, Path], llama_tp2: LLM) -> N
         assert a["num_threads"] == 1
 
 
+def test_finished_requests_are_freed_with_the_next_step(llama_tp2: LLM) -> None:
+    executor = llama_tp2.executor
+    assert isinstance(executor, RayExecutor)
+    greedy = SamplingParams(temperature=0.0)
+
+    def held() -> list[int]:
+        return [s["num_requests"] for s in executor.stats()]
+
+    executor.execute([SeqStep("f", [5, 6], 0, [2], True, greedy)])  # frees earlier tests'
+    assert held() == [1, 1]
+    executor.free(["f"])
+    assert held() == [1, 1]  # no call of its own: the controller's loop never waits on it
+    executor.execute([SeqStep("g", [7], 0, [3], True, greedy)])
+    assert held() == [1, 1]  # "f" forgotten first, then "g" taken on
+    executor.free(["g"])
+
+
 def test_bad_tp_is_refused_before_any_actor(
     checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
