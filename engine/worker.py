@@ -232,8 +232,8 @@ class Worker(KVTransferMixin):
     def stats(self) -> dict[str, Any]:
         """Counters since load (local): steps run, requests whose state it holds,
         collectives entered, this stage's layers and KV pool (blocks, bytes per block),
-        pipeline busy/wall seconds, and
-        tokens routed to each expert (summed over MoE layers; empty for dense models)."""
+        pipeline busy/wall seconds, and tokens routed to each expert (summed over MoE
+        layers; empty for dense models)."""
         runner = self._require_runner()
         cfg = runner.model.config
         moe: dict[str, Any] = {}
