@@ -105,12 +105,14 @@ class KVTransferConfig:
     """How KV moves from prefill to decode. ``transport`` "auto" is nccl on CUDA; on
     CPU it is local when the Ray cluster has one node as the deployment starts
     (:meth:`ServeConfig.for_cluster`), else gloo. ``bind_host`` is where gRPC KV
-    servers and rendezvous listen."""
+    servers and rendezvous listen. ``connect_at_start`` opens every prefill-decode
+    worker channel as the pools start (off: each opens at its first transfer)."""
 
     transport: str = "auto"
     lease_s: float = 30.0
     transfer_timeout_s: float = 30.0
     bind_host: str = "127.0.0.1"
+    connect_at_start: bool = True
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:

@@ -6,15 +6,19 @@ prefill instance and no transport: its decode instances prefill every request.""
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 
 from decode.instance import DecodeInstance
 from engine.config import EngineConfig
 from engine.executor import RayExecutor
-from kvtransfer.transport import Transport, make_transport
+from kvtransfer.plan import plan_transfer
+from kvtransfer.transport import Transport, actor_key, make_transport
 from prefill.instance import PrefillInstance
 from router.config import ServeConfig
 from router.routing import Router
+
+log = logging.getLogger(__name__)
 
 
 class Pools:
@@ -47,6 +51,28 @@ class Pools:
             await self.shutdown()
             raise errors[0]
         self._check_compatible()
+        if self.transport is not None and cfg.kv.connect_at_start:
+            await self._connect(self.transport)
+
+    async def _connect(self, transport: Transport) -> None:
+        """Opens every (prefill rank, decode rank) channel a transfer can use, all at
+        once, so that no request's transfer pays for it (``Transport.connect``). A
+        channel that fails to open is logged and left to the first transfer, which
+        reports the error where it belongs."""
+        pairs = {
+            (actor_key(src), actor_key(dst)): (src, dst)
+            for p in self.prefill
+            for d in self.decode
+            for m in plan_transfer(p.layout, d.layout, d.shape, [0], [0])
+            for src, dst in [(p.workers[m.src_rank], d.workers[m.dst_rank])]
+        }
+        timeout = self.config.kv.transfer_timeout_s
+        results = await asyncio.gather(
+            *(transport.connect(src, dst, timeout) for src, dst in pairs.values()),
+            return_exceptions=True,
+        )
+        for error in (r for r in results if isinstance(r, BaseException)):
+            log.warning("a KV channel did not open at start (its first transfer will): %s", error)
 
     async def shutdown(self) -> None:
         """Stops every instance's workers (in parallel), then the transport."""

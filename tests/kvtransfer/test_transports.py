@@ -89,10 +89,14 @@ LOOP = asyncio.new_event_loop()
 @pytest.fixture(scope="module", autouse=True)
 def _close_loop() -> Iterator[None]:
     yield
-    left = asyncio.all_tasks(LOOP)  # as asyncio.run does: cancel what is left, then close
-    for task in left:
-        task.cancel()
-    LOOP.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+
+    async def cancel_left() -> None:  # as asyncio.run does: cancel what is left, then close
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)  # (made in LOOP, even if empty)
+
+    LOOP.run_until_complete(cancel_left())
     LOOP.close()
 
 
@@ -267,6 +271,27 @@ def test_local_direct_fails_on_a_reallocated_pool_then_recovers(workers: dict[st
     run(t, moves, pair, "float32", 30.0)
     check_landed(pair, moves, before)
     t.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS, indirect=True)
+def test_connect_opens_the_channel_then_transfers_land(
+    transport: Transport, workers: dict[str, Any]
+) -> None:
+    """``connect`` (an empty transfer) opens each pair's channel; the first real
+    transfer after it lands exactly (the local transport's already on the doorbell)."""
+    pair = use(workers, "float32")
+    (src,), dsts = pair
+    for dst in dsts:
+        LOOP.run_until_complete(transport.connect(src, dst, 30.0))
+    if getattr(transport, "direct", False) and getattr(transport, "via", "") == "shm":
+        bells = transport._bells  # type: ignore[attr-defined]
+        assert len(bells) == 2 and all(b is not None for b in bells.values())
+    moves = plan((6, 7), (9, 8))
+    before = [caches(d) for d in dsts]
+    run(transport, moves, pair, "float32", 30.0)
+    check_landed(pair, moves, before)
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        LOOP.run_until_complete(transport.connect(src, dsts[0], 0))
 
 
 def test_local_direct_rings_the_doorbell_after_the_first_transfer(

@@ -6,6 +6,7 @@ no block is left behind (invariant 3)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,29 @@ def test_tokens_equal_single_instance(
     assert prefix_hit.output.num_cached_tokens == 32  # prefill reused the shared blocks
     assert prefix_hit.transfer is not None and prefix_hit.transfer.num_cached_blocks == 2
     assert prefix_hit.transfer.num_blocks == 1  # only the last, unshared block moved
+
+
+@pytest.mark.parametrize(("pair", "connect"), [("tp2-1", True), ("1-1", False)])
+def test_channels_open_at_start_unless_told_not_to(
+    tiny_llama: Path, ray_cluster: None, pair: str, connect: bool
+) -> None:
+    """With ``kv.connect_at_start`` every (prefill rank, decode rank) channel is open
+    before the first request (for local: the pool mapped and the doorbell rung, no actor
+    call left for its transfer); without, the first transfer opens it."""
+    cfg = serve_config(tiny_llama, pair, "local")
+    cfg = dataclasses.replace(cfg, kv=dataclasses.replace(cfg.kv, connect_at_start=connect))
+
+    async def run() -> None:
+        async with Controller(cfg) as c:
+            bells = c._pools.transport._bells  # type: ignore[union-attr]
+            assert len(bells) == (2 if connect else 0)  # TP2 -> TP1: two rank pairs
+            assert all(b is not None for b in bells.values())
+            out = await collect(c, PROMPTS[1])
+            assert out.transfer is not None and out.transfer.ok
+            assert len(bells) == (2 if connect else 1)
+            assert_clean(c)
+
+    asyncio.run(run())
 
 
 def test_seeded_sampling_continues_after_the_handoff(tiny_llama: Path, ray_cluster: None) -> None:
