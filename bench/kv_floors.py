@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvtransfer.grpc_transport import DEFAULT_MAX_BYTES
 from kvtransfer.testing import KVHolder
 
-CHUNK = 4 << 20  # bytes per socket write / gRPC message, as the gRPC KV transport's
+CHUNK = DEFAULT_MAX_BYTES  # bytes per socket write / gRPC message, as the KV transport's
 BARE_MAX = 256 << 20  # what the bare gRPC server can stream
 EVICT = 64 << 20  # bytes written to evict the caches (twice this machine's 32 MB L3)
 

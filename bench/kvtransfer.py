@@ -164,7 +164,7 @@ async def measure_transfers(
             tuple(rng.sample(range(num_blocks), blocks)),
         )
         nbytes = move.num_bytes(shape)
-        keys = [*transports, "socket", "memcpy", "calls", BARE, BARE_NO_COPIES, MEMCPY_COLD]
+        keys = [*transports, "socket", "memcpy", "calls", *(f[0] for f in FLOORS)]
         times: dict[str, list[float]] = {k: [] for k in keys}
         for r in range(WARMUP + repeats):  # warm-up: channels, buffers, malloc arenas
             for label, t in transports.items():
